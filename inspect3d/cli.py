@@ -1,0 +1,125 @@
+"""The ``inspect3d`` command: one entry point, one sub-command per stage of the flow.
+
+synth, train, eval and export take Hydra overrides (``key=value``; train also ``-m`` sweeps);
+predict and fetch take ordinary options. Only train/eval/export import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from inspect3d.errors import InspectError
+
+log = logging.getLogger("inspect3d")
+
+USAGE = """usage: inspect3d COMMAND [ARGS...]
+
+commands (the flow: synth/fetch -> train -> eval -> export -> predict):
+  synth    out=DIR seed=S [n_jobs=N ...]        write synthetic powder-bed jobs
+  fetch    NAME [--dest DIR]                    download a public data set (pblm, snu_fdm)
+  train    [data=folder data.root=DIR data.normal_class=NAME ...]   train (Hydra overrides, -m)
+  eval     run=RUN [data=... ]                  evaluate a run; writes RUN/eval.json
+  export   run=RUN [quantize=int8]              write RUN/model.onnx and check it against torch
+  predict  MODEL.onnx PATH... [--jsonl]         score layer images with onnxruntime
+
+Run `inspect3d COMMAND --help` for the options of one command.
+"""
+
+
+def synth_task(cfg) -> None:
+    from inspect3d.data.synth import SynthConfig, generate
+
+    fields = SynthConfig.__dataclass_fields__
+    items = generate(cfg.out, SynthConfig(**{k: cfg[k] for k in fields if k in cfg}))
+    labels = sorted({it.label for it in items})
+    print(f"wrote {len(items)} layers of {cfg.n_jobs} jobs ({', '.join(labels)}) to {cfg.out}")
+
+
+def train_task(cfg) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from inspect3d.train.run import train
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    metrics, path = train(cfg, out_dir)
+    print(f"checkpoint: {path}\nmetrics:    {out_dir}/metrics.json "
+          f"(val macro-F1 {metrics['macro_f1']:.3f}, N={metrics['n']})")
+    return float(metrics["macro_f1"])  # the value a Hydra sweeper optimises
+
+
+def eval_task(cfg) -> None:
+    from inspect3d.train.evaluate import evaluate_run
+
+    m = evaluate_run(cfg)
+    print(f"eval: N={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f} "
+          f"auroc={m['auroc'] if m['auroc'] is None else round(m['auroc'], 3)} -> {cfg.out}")
+
+
+def export_task(cfg) -> None:
+    from inspect3d.export.onnx import export_run
+
+    for path in export_run(cfg):
+        print(f"wrote {path}")
+
+
+HYDRA_TASKS: dict[str, Callable] = {
+    "synth": synth_task, "train": train_task, "eval": eval_task, "export": export_task,
+}
+
+
+def run_hydra(command: str, args: list[str]) -> int:
+    """Run a Hydra task with ``args`` as its command line; user errors exit 2, no traceback."""
+    import hydra
+
+    from inspect3d.config import CONFIG_DIR
+
+    task = HYDRA_TASKS[command]
+    result: dict[str, int] = {"rc": 0}
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")
+    def entry(cfg):
+        try:
+            return task(cfg)
+        except InspectError as exc:
+            log.error("%s", exc)
+            result["rc"] = 2
+            if "-m" in args or "--multirun" in args:
+                raise
+            return None
+
+    sys.argv = [f"inspect3d {command}", *args]
+    entry()
+    return result["rc"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    try:
+        if command in HYDRA_TASKS:
+            return run_hydra(command, args)
+        if command == "predict":
+            from inspect3d.infer.cli import main as predict_main
+
+            return predict_main(args)
+        if command == "fetch":
+            from inspect3d.data.fetch import main as fetch_main
+
+            return fetch_main(args)
+    except InspectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `inspect3d predict ... | head`
+        sys.stderr.close()
+        return 0
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

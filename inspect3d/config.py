@@ -1,0 +1,77 @@
+"""Typed schemas for the plain settings, registered with Hydra's ConfigStore.
+
+A typo or a wrong type in ``data.*`` or ``trainer.*`` then fails when the config is composed,
+not an hour into training. ``model`` and ``optim`` are ``_target_`` nodes (instantiated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class SynthSettings:
+    seed: int = 0
+    n_jobs: int = 16
+    layers_per_job: int = 20
+    size: int = 512
+    defect_fraction: float = 0.7
+    printers: int = 2
+
+
+@dataclass
+class DataConfig:
+    kind: str = "folder"  # folder | manifest | synth
+    root: str = MISSING
+    normal_class: str = MISSING
+    manifest: str | None = None  # kind=manifest: CSV path (default ROOT/manifest.csv)
+    val_root: str | None = None  # a separate validation folder instead of a split
+    # preprocessing (inspect3d.data.preprocess.Preprocess)
+    height: int = 512
+    width: int = 512
+    channels: int = 1
+    norm: str = "per_image"  # per_image | fixed
+    mean: float = 0.5
+    std: float = 0.25
+    # leak-free split (inspect3d.data.splits)
+    folds: int = 5
+    fold: int = 0
+    block_size: int = 16
+    purge_gap: int = 2
+    subsample: int = 1  # train on every n-th layer of a sequence (neighbours look alike)
+    # augmentation (training only)
+    jitter: float = 0.2  # brightness and contrast jitter, as a fraction
+    hflip: bool = True
+    vflip: bool = False
+    synth: SynthSettings = field(default_factory=SynthSettings)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    num_workers: int = 0
+    resume: str | None = None  # path to a last.pt to continue from
+    target_frr: float = 0.05  # false-reject rate on normal val layers for the threshold
+    class_weights: str = "balanced"  # balanced | none
+    warmup_epochs: float = 0.5
+    grad_clip: float = 5.0
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+
+
+register_configs()

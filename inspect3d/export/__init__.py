@@ -1,0 +1,1 @@
+"""Export (torch -> ONNX): write, stamp metadata, verify against torch, optionally quantise."""

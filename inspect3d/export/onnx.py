@@ -1,0 +1,148 @@
+"""``export_onnx``: the scoring network as ONNX with metadata, verified with onnxruntime.
+
+Export means export *and* verify: the file is published only after onnxruntime reproduced
+torch's outputs on real layers within the tolerance, which is printed either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from omegaconf import OmegaConf
+
+from inspect3d import __version__
+from inspect3d.data.preprocess import Preprocess
+from inspect3d.errors import InspectError
+from inspect3d.infer.metadata import INPUT_NAME, OUTPUT_NAMES, ModelMeta
+from inspect3d.io import atomic_path
+from inspect3d.models import ScoringNet
+from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+for _name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines drown the parity report
+    logging.getLogger(_name).setLevel(logging.WARNING)
+METRIC_KEYS = ("accuracy", "macro_f1", "auroc", "n", "n_normal", "n_defect", "ci95")
+
+
+def export_run(cfg: Any) -> list[Path]:
+    """``inspect3d export run=RUN``: RUN/model.onnx (+ RUN/model.int8.onnx with quantize=int8)."""
+    if cfg.quantize not in ("none", "int8"):
+        raise InspectError(f"quantize={cfg.quantize!r} is not valid: use none or int8")
+    ckpt = load_checkpoint(Path(cfg.run) / "checkpoint.pt")
+    net = ScoringNet(model_from_checkpoint(ckpt)).eval()
+    meta = meta_from_checkpoint(ckpt)
+    layers, labels = check_layers(ckpt, max(cfg.n_check, cfg.n_calib if cfg.quantize == "int8" else 0))
+    out = export_onnx(net, meta, Path(cfg.out), cfg.opset, layers[: cfg.n_check], cfg.tolerance)
+    paths = [out]
+    if cfg.quantize == "int8":
+        from inspect3d.export.quantize import quantize_int8
+
+        paths.append(quantize_int8(out, layers[: cfg.n_calib], layers, labels))
+    return paths
+
+
+def meta_from_checkpoint(ckpt: dict) -> ModelMeta:
+    metrics = ckpt.get("metrics") or {}
+    return ModelMeta(
+        classes=list(ckpt["classes"]),
+        normal_class=ckpt["normal_class"],
+        preprocess=Preprocess.from_dict(ckpt["preprocess"]),
+        threshold=float(ckpt.get("threshold") or 0.5),
+        target_frr=float(ckpt.get("target_frr", 0.05)),
+        model_name=ckpt["model"].get("name", ""),
+        config_hash=ckpt.get("config_hash", ""),
+        inspect3d_version=__version__,
+        metrics={k: metrics[k] for k in METRIC_KEYS if k in metrics},
+        defect_map_stride=16 if ckpt["model"].get("name") == "smallcnn" else 32,
+    )
+
+
+def check_layers(ckpt: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` real validation layers of the run's data (uint8 N,C,H,W) and their labels.
+
+    Falls back to synthetic powder-bed layers, with a warning, when that data is not here.
+    """
+    from inspect3d.data.sources import load_data
+
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    trained = OmegaConf.create(ckpt["config"])
+    try:
+        data = load_data(trained.data, trained.seed)
+        pick = np.linspace(0, len(data.val) - 1, min(n, len(data.val))).round().astype(int)
+        idx = sorted({data.val[i] for i in pick})
+        labels = np.array(data.labels())[idx]
+        return np.stack([pre.load(data.items[i].path) for i in idx]), labels
+    except InspectError as exc:
+        log.warning("training data not available (%s): checking on synthetic layers instead", exc)
+        return _synthetic_layers(pre, n), np.full(n, -1)
+
+
+def _synthetic_layers(pre: Preprocess, n: int) -> np.ndarray:
+    from inspect3d.data.synth import SynthConfig, render_job
+
+    cfg = SynthConfig(seed=12345, layers_per_job=max(2, n), size=max(pre.height, pre.width))
+    frames = [img for job in range(2) for img, _, _ in render_job(cfg, job)]
+    return np.stack([pre(img) for img in frames[:n]])
+
+
+def export_onnx(
+    net: ScoringNet, meta: ModelMeta, out: Path, opset: int, layers: np.ndarray, tolerance: float,
+) -> Path:
+    """Write ``out`` (dynamic batch), stamp ``meta``, verify; publish only if parity holds."""
+    if opset < 17:
+        raise InspectError(f"opset={opset} is not supported: use 17 or newer")
+    with atomic_path(out) as tmp:
+        _torch_export(net, layers, tmp, opset)
+        _stamp(tmp, meta)
+        verify(net, tmp, layers, tolerance)
+    log.info("wrote %s", out)
+    return out
+
+
+def _torch_export(net: ScoringNet, layers: np.ndarray, path: Path, opset: int) -> None:
+    example = torch.from_numpy(np.repeat(layers[:1], 2, axis=0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        net, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        opset_version=opset, dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+        verbose=False,
+    )
+
+
+def _stamp(path: Path, meta: ModelMeta) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in meta.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = f"inspect3d {meta.model_name}: classes {meta.classes}"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def verify(net: ScoringNet, path: Path, layers: np.ndarray, tolerance: float) -> dict:
+    """Run torch and onnxruntime (CPU) on the same layers, batch 1 and batch N; compare."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = [t.numpy() for t in net(torch.from_numpy(layers))]
+    batched = session.run(None, {INPUT_NAME: layers})
+    single = [np.concatenate(o) for o in zip(*(session.run(None, {INPUT_NAME: layers[i : i + 1]})
+                                              for i in range(len(layers))), strict=True)]
+    diffs = {name: max(float(np.abs(r - b).max()), float(np.abs(r - s).max()))
+             for name, r, b, s in zip(OUTPUT_NAMES, ref, batched, single, strict=True)}
+    same_class = float((ref[0].argmax(1) == batched[0].argmax(1)).mean())
+    report = ", ".join(f"max |torch - onnxruntime| {k} = {v:.2e}" for k, v in diffs.items())
+    print(f"parity check on {len(layers)} layers (batch 1 and {len(layers)}): {report}; "
+          f"tolerance {tolerance:.1e}; same class on {same_class:.0%}")
+    worst = max(diffs.values())
+    if not np.isfinite(worst) or worst > tolerance:
+        raise InspectError(
+            f"export parity check FAILED: onnxruntime differs from torch by {worst:.2e} > "
+            f"tolerance {tolerance:.1e}; the model was not written"
+        )
+    return {**diffs, "same_class": same_class}

@@ -1,0 +1,83 @@
+"""What an exported model carries in its ONNX ``metadata_props``: all a scorer needs.
+
+Written by ``inspect3d.export`` and read by ``inspect3d.infer`` (so this module imports neither
+torch nor onnx). Values are strings; structured ones are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from inspect3d.data.preprocess import Preprocess
+from inspect3d.errors import InspectError
+
+FORMAT = "inspect3d-onnx/1"
+INPUT_NAME = "layers"
+OUTPUT_NAMES = ("probs", "defect_map")
+_JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs")
+
+
+@dataclass
+class ModelMeta:
+    classes: list[str]
+    normal_class: str
+    preprocess: Preprocess
+    threshold: float
+    target_frr: float = 0.05
+    model_name: str = ""
+    config_hash: str = ""
+    inspect3d_version: str = ""
+    metrics: dict = field(default_factory=dict)
+    quantization: str = "none"
+    defect_map_stride: int = 16
+
+    @property
+    def normal_index(self) -> int:
+        return self.classes.index(self.normal_class)
+
+    def to_props(self) -> dict[str, str]:
+        h, w, c = self.preprocess.height, self.preprocess.width, self.preprocess.channels
+        props = {
+            "format": FORMAT,
+            "classes": self.classes,
+            "normal_class": self.normal_class,
+            "preprocess": self.preprocess.to_dict(),
+            "threshold": repr(float(self.threshold)),
+            "target_frr": repr(float(self.target_frr)),
+            "model_name": self.model_name,
+            "config_hash": self.config_hash,
+            "inspect3d_version": self.inspect3d_version,
+            "metrics": self.metrics,
+            "quantization": self.quantization,
+            "defect_map_stride": str(self.defect_map_stride),
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", c, h, w],
+                      "pixels": "grey" if c == 1 else "RGB", "resize": "full layer, no crop"},
+            "outputs": {"probs": ["batch", len(self.classes)],
+                        "defect_map": ["batch", 1, "h/stride", "w/stride"]},
+        }
+        return {k: json.dumps(v) if k in _JSON_KEYS else str(v) for k, v in props.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "model") -> ModelMeta:
+        if props.get("format") != FORMAT:
+            raise InspectError(
+                f"{source} has no inspect3d metadata (format {FORMAT!r} expected, found "
+                f"{props.get('format')!r}); export it with `inspect3d export run=RUN`"
+            )
+        try:
+            return cls(
+                classes=json.loads(props["classes"]),
+                normal_class=props["normal_class"],
+                preprocess=Preprocess.from_dict(json.loads(props["preprocess"])),
+                threshold=float(props["threshold"]),
+                target_frr=float(props.get("target_frr", "0.05")),
+                model_name=props.get("model_name", ""),
+                config_hash=props.get("config_hash", ""),
+                inspect3d_version=props.get("inspect3d_version", ""),
+                metrics=json.loads(props.get("metrics", "{}")),
+                quantization=props.get("quantization", "none"),
+                defect_map_stride=int(props.get("defect_map_stride", "16")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise InspectError(f"{source} has damaged inspect3d metadata: {exc!r}") from exc

@@ -1,0 +1,37 @@
+"""Networks (torch only; training and export). ``build_model`` is the one way to make one."""
+
+from __future__ import annotations
+
+from inspect3d.data.preprocess import Preprocess
+from inspect3d.errors import InspectError
+from inspect3d.models.layernet import LayerNet, Normalize, ScoringNet
+from inspect3d.models.smallcnn import SmallCNN
+
+MODEL_NAMES = (
+    "smallcnn",
+    "resnet18",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+)
+
+__all__ = ["MODEL_NAMES", "LayerNet", "Normalize", "ScoringNet", "build_model"]
+
+
+def build_model(
+    name: str, num_classes: int, pre: Preprocess, pretrained: bool = False, width: int = 16,
+    pool_r: float = 4.0, dropout: float = 0.1,
+) -> LayerNet:
+    """A LayerNet with the named backbone for ``num_classes`` classes and ``pre`` inputs."""
+    if name not in MODEL_NAMES:
+        raise InspectError(f"unknown model {name!r}: choose one of {list(MODEL_NAMES)}")
+    if num_classes < 2:
+        raise InspectError(f"need at least 2 classes (a normal class and a defect), got {num_classes}")
+    if name == "smallcnn":
+        backbone = SmallCNN(pre.channels, width)
+        channels = backbone.out_channels
+    else:
+        from inspect3d.models.backbones import torchvision_backbone
+
+        backbone, channels = torchvision_backbone(name, pre.channels, pretrained)
+    return LayerNet(backbone, channels, num_classes, pre, pool_r=pool_r, dropout=dropout)

@@ -1,0 +1,70 @@
+"""The network shape shared by every backbone: normalise -> features -> class map -> pooling.
+
+A 1x1 convolution turns backbone features into a map of class logits (one vector per cell of
+the layer); log-sum-exp pooling turns that map into per-layer logits. The same map, as
+1 - P(normal) per cell, is the coarse defect map. Thin defects that cover a few cells still
+drive the layer score, which plain average pooling would dilute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from inspect3d.data.preprocess import Preprocess
+
+
+class Normalize(nn.Module):
+    """Step 2 of the preprocessing (see inspect3d.data.preprocess), inside the graph."""
+
+    def __init__(self, pre: Preprocess) -> None:
+        super().__init__()
+        self.per_image = pre.norm == "per_image"
+        self.register_buffer("mean", torch.tensor(pre.mean * 255.0), persistent=False)
+        self.register_buffer("std", torch.tensor(pre.std * 255.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if not self.per_image:
+            return (x - self.mean) / self.std
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = ((x - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+        return (x - mean) / (std + 1.0)  # +1 grey level keeps flat images finite
+
+
+class LayerNet(nn.Module):
+    """uint8/float (N, C, H, W) pixels -> (layer logits (N, K), logit map (N, K, h, w))."""
+
+    def __init__(
+        self, backbone: nn.Module, feature_channels: int, num_classes: int, pre: Preprocess,
+        pool_r: float = 4.0, dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.normalize = Normalize(pre)
+        self.backbone = backbone
+        self.dropout = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(feature_channels, num_classes, kernel_size=1)
+        self.pool_r = pool_r
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit_map = self.head(self.dropout(self.backbone(self.normalize(x))))
+        flat = logit_map.flatten(2) * self.pool_r
+        pooled = torch.logsumexp(flat, dim=2) - math.log(flat.shape[2])
+        return pooled / self.pool_r, logit_map
+
+
+class ScoringNet(nn.Module):
+    """What gets exported: class probabilities and a defect map in [0, 1] of shape (N, 1, h, w)."""
+
+    def __init__(self, net: LayerNet, normal_index: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.normal_index = normal_index
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, logit_map = self.net(x)
+        probs = torch.softmax(logits, dim=1)
+        normal = torch.softmax(logit_map, dim=1)[:, self.normal_index : self.normal_index + 1]
+        return probs, 1.0 - normal

@@ -1,0 +1,1 @@
+"""Training (torch): data loading, the loop, checkpoints, ``train(cfg)``."""

@@ -1,0 +1,85 @@
+"""One epoch of training, and prediction over a data set (torchvision-reference style)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from inspect3d.errors import InspectError
+from inspect3d.train.dataset import augment
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device that is missing is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InspectError(f"trainer.device={name!r} but no CUDA device is available: use auto or cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InspectError(f"trainer.device={name!r} is not valid: use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); plain fp32 on CPU."""
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train_one_epoch(
+    model: nn.Module, loader, criterion, optimizer, scheduler, scaler, device: torch.device,
+    aug: dict, gen: torch.Generator, amp: bool, grad_clip: float, max_steps: int | None,
+    progress: bool, desc: str,
+) -> float:
+    """Train for one pass over ``loader``; return the mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for step, (x, y) in enumerate(bar):
+        if max_steps is not None and step >= max_steps:
+            break
+        x = _to_device(augment(x, gen=gen, **aug), device)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss = criterion(model(x)[0].float(), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, loader, device: torch.device, amp: bool = False, progress: bool = False,
+    desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities (N, K), labels (N,) and the logits (N, K) for every batch."""
+    model.eval()
+    probs, labels, logits = [], [], []
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        with autocast(device, amp):
+            out = model(_to_device(x, device))[0].float()
+        logits.append(out.cpu())
+        probs.append(torch.softmax(out, dim=1).cpu())
+        labels.append(y)
+    cat = lambda t: torch.cat(t).numpy()  # noqa: E731
+    return cat(probs), cat(labels), cat(logits)
