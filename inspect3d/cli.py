@@ -44,8 +44,10 @@ def train_task(cfg) -> float:
 
     out_dir = HydraConfig.get().runtime.output_dir
     metrics, path = train(cfg, out_dir)
-    print(f"checkpoint: {path}\nmetrics:    {out_dir}/metrics.json "
-          f"(val macro-F1 {metrics['macro_f1']:.3f}, N={metrics['n']})")
+    print(
+        f"checkpoint: {path}\nmetrics:    {out_dir}/metrics.json "
+        f"(val macro-F1 {metrics['macro_f1']:.3f}, N={metrics['n']})"
+    )
     return float(metrics["macro_f1"])  # the value a Hydra sweeper optimises
 
 
@@ -53,8 +55,10 @@ def eval_task(cfg) -> None:
     from inspect3d.train.evaluate import evaluate_run
 
     m = evaluate_run(cfg)
-    print(f"eval: N={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f} "
-          f"auroc={m['auroc'] if m['auroc'] is None else round(m['auroc'], 3)} -> {cfg.out}")
+    print(
+        f"eval: N={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f} "
+        f"auroc={m['auroc'] if m['auroc'] is None else round(m['auroc'], 3)} -> {cfg.out}"
+    )
 
 
 def export_task(cfg) -> None:
@@ -65,7 +69,10 @@ def export_task(cfg) -> None:
 
 
 HYDRA_TASKS: dict[str, Callable] = {
-    "synth": synth_task, "train": train_task, "eval": eval_task, "export": export_task,
+    "synth": synth_task,
+    "train": train_task,
+    "eval": eval_task,
+    "export": export_task,
 }
 
 
@@ -83,7 +90,8 @@ def run_hydra(command: str, args: list[str]) -> int:
         try:
             return task(cfg)
         except InspectError as exc:
-            log.error("%s", exc)
+            log.error("%s", exc)  # into the run's log file (and the console)
+            print(f"error: {exc}", file=sys.stderr)
             result["rc"] = 2
             if "-m" in args or "--multirun" in args:
                 raise

@@ -62,6 +62,9 @@ class TrainerConfig:
     resume: str | None = None  # path to a last.pt to continue from
     target_frr: float = 0.05  # false-reject rate on normal val layers for the threshold
     class_weights: str = "balanced"  # balanced | none
+    map_loss_weight: float = (
+        1.0  # defect-map loss from masks / normal layers (0: layer labels only)
+    )
     warmup_epochs: float = 0.5
     grad_clip: float = 5.0
     max_steps_per_epoch: int | None = None

@@ -70,7 +70,11 @@ def calibrate_threshold(normal_scores: np.ndarray, target_frr: float) -> float:
 
 
 def bootstrap_ci(
-    stat, y_true: np.ndarray, probs: np.ndarray, groups: list[str] | None, n_boot: int = 1000,
+    stat,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    groups: list[str] | None,
+    n_boot: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float] | None:
     """95% percentile interval of ``stat(y_true, probs)`` resampling whole groups."""
@@ -93,8 +97,13 @@ def bootstrap_ci(
 
 
 def summarize(
-    y_true: np.ndarray, probs: np.ndarray, classes: list[str], normal_index: int = 0,
-    threshold: float | None = None, groups: list[str] | None = None, n_boot: int = 1000,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    normal_index: int = 0,
+    threshold: float | None = None,
+    groups: list[str] | None = None,
+    n_boot: int = 1000,
 ) -> dict:
     """All the figures of an evaluation as a JSON-ready dict."""
     y_true = np.asarray(y_true)
@@ -126,8 +135,12 @@ def summarize(
         "auroc": roc(y_true, probs),
         "confusion_matrix": cm.tolist(),
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]),
-                "f1": float(f1[i]), "support": int(cm[i].sum())}
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(cm[i].sum()),
+            }
             for i, c in enumerate(classes)
         },
         "ci95": {

@@ -137,6 +137,17 @@ def test_render_job_is_deterministic_and_seeded() -> None:
     assert label == NORMAL_CLASS  # the first layer is never defective
 
 
+def test_smallest_layers_keep_defect_masks() -> None:
+    cfg = SynthConfig(seed=4, n_jobs=4, layers_per_job=3, size=64, defect_fraction=1.0)
+    labels = set()
+    for j in range(cfg.n_jobs):
+        for image, mask, label in render_job(cfg, j):
+            assert image.shape == mask.shape == (64, 64)
+            assert (label != NORMAL_CLASS) == bool(mask.any()), (j, label)
+            labels.add(label)
+    assert labels == set(CLASSES)
+
+
 def test_generate_is_byte_identical(tmp_path: Path) -> None:
     def files(root: Path) -> dict[str, bytes]:
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.*")}

@@ -18,6 +18,7 @@ from inspect3d.io import write_text_atomic
 
 MANIFEST_COLUMNS = ("path", "label", "job", "layer", "printer", "mask")
 REQUIRED_COLUMNS = ("path", "label")
+MASK_DIR = "_masks"
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Item:
 def scan_folder(root: str | Path) -> list[Item]:
     """Folder-per-class data set: ``root/<class>/<image>``.
 
-    Sub-folders whose names start with ``_`` or ``.`` are not classes (e.g. ``_masks``).
+    Sub-folders whose names start with ``_`` or ``.`` are not classes. Optional per-pixel defect
+    masks (white = defect) lie in ``root/_masks/`` under the layer's file name.
     """
     root = _existing_dir(root, "data root")
     class_dirs = sorted(
@@ -53,13 +55,15 @@ def scan_folder(root: str | Path) -> list[Item]:
                 f"class folder {str(d)!r} holds no images (looked for image files directly "
                 "inside it); add images or remove the folder"
             )
-        items += [_item_from_name(p, d.name) for p in images]
+        items += [_item_from_name(p, d.name, root / MASK_DIR) for p in images]
     return items
 
 
-def _item_from_name(path: Path, label: str) -> Item:
+def _item_from_name(path: Path, label: str, mask_dir: Path) -> Item:
     name = parse_layer_name(path)
-    return Item(path=path, label=label, job=name.job, layer=name.layer)
+    mask = mask_dir / path.name
+    return Item(path=path, label=label, job=name.job, layer=name.layer,
+                mask=mask if mask.is_file() else None)
 
 
 def read_manifest(csv_path: str | Path) -> list[Item]:

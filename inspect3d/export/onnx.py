@@ -37,7 +37,9 @@ def export_run(cfg: Any) -> list[Path]:
     ckpt = load_checkpoint(Path(cfg.run) / "checkpoint.pt")
     net = ScoringNet(model_from_checkpoint(ckpt)).eval()
     meta = meta_from_checkpoint(ckpt)
-    layers, labels = check_layers(ckpt, max(cfg.n_check, cfg.n_calib if cfg.quantize == "int8" else 0))
+    layers, labels = check_layers(
+        ckpt, max(cfg.n_check, cfg.n_calib if cfg.quantize == "int8" else 0)
+    )
     out = export_onnx(net, meta, Path(cfg.out), cfg.opset, layers[: cfg.n_check], cfg.tolerance)
     paths = [out]
     if cfg.quantize == "int8":
@@ -92,7 +94,12 @@ def _synthetic_layers(pre: Preprocess, n: int) -> np.ndarray:
 
 
 def export_onnx(
-    net: ScoringNet, meta: ModelMeta, out: Path, opset: int, layers: np.ndarray, tolerance: float,
+    net: ScoringNet,
+    meta: ModelMeta,
+    out: Path,
+    opset: int,
+    layers: np.ndarray,
+    tolerance: float,
 ) -> Path:
     """Write ``out`` (dynamic batch), stamp ``meta``, verify; publish only if parity holds."""
     if opset < 17:
@@ -109,8 +116,15 @@ def _torch_export(net: ScoringNet, layers: np.ndarray, path: Path, opset: int) -
     example = torch.from_numpy(np.repeat(layers[:1], 2, axis=0))
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
-        net, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-        opset_version=opset, dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+        net,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,
         verbose=False,
     )
 
@@ -131,14 +145,23 @@ def verify(net: ScoringNet, path: Path, layers: np.ndarray, tolerance: float) ->
     with torch.inference_mode():
         ref = [t.numpy() for t in net(torch.from_numpy(layers))]
     batched = session.run(None, {INPUT_NAME: layers})
-    single = [np.concatenate(o) for o in zip(*(session.run(None, {INPUT_NAME: layers[i : i + 1]})
-                                              for i in range(len(layers))), strict=True)]
-    diffs = {name: max(float(np.abs(r - b).max()), float(np.abs(r - s).max()))
-             for name, r, b, s in zip(OUTPUT_NAMES, ref, batched, single, strict=True)}
+    single = [
+        np.concatenate(o)
+        for o in zip(
+            *(session.run(None, {INPUT_NAME: layers[i : i + 1]}) for i in range(len(layers))),
+            strict=True,
+        )
+    ]
+    diffs = {
+        name: max(float(np.abs(r - b).max()), float(np.abs(r - s).max()))
+        for name, r, b, s in zip(OUTPUT_NAMES, ref, batched, single, strict=True)
+    }
     same_class = float((ref[0].argmax(1) == batched[0].argmax(1)).mean())
     report = ", ".join(f"max |torch - onnxruntime| {k} = {v:.2e}" for k, v in diffs.items())
-    print(f"parity check on {len(layers)} layers (batch 1 and {len(layers)}): {report}; "
-          f"tolerance {tolerance:.1e}; same class on {same_class:.0%}")
+    print(
+        f"parity check on {len(layers)} layers (batch 1 and {len(layers)}): {report}; "
+        f"tolerance {tolerance:.1e}; same class on {same_class:.0%}"
+    )
     worst = max(diffs.values())
     if not np.isfinite(worst) or worst > tolerance:
         raise InspectError(

@@ -16,16 +16,29 @@ from inspect3d.infer.providers import PROVIDER_CHOICES
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="inspect3d predict", description="Score layer images with an exported model.")
+        prog="inspect3d predict", description="Score layer images with an exported model."
+    )
     p.add_argument("model", help="model.onnx written by `inspect3d export`")
     p.add_argument("paths", nargs="+", help="layer image files or folders (searched recursively)")
     p.add_argument("--jsonl", action="store_true", help="one JSON object per layer on stdout")
-    p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES,
-                   help="onnxruntime provider (auto: TensorRT/CUDA when present, else CPU)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="defect-score threshold (default: the calibrated one in the model)")
-    p.add_argument("--overlay-dir", type=Path, default=None,
-                   help="write a defect-map overlay PNG per layer into this folder")
+    p.add_argument(
+        "--provider",
+        default="auto",
+        choices=PROVIDER_CHOICES,
+        help="onnxruntime provider (auto: TensorRT/CUDA when present, else CPU)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="defect-score threshold (default: the calibrated one in the model)",
+    )
+    p.add_argument(
+        "--overlay-dir",
+        type=Path,
+        default=None,
+        help="write a defect-map overlay PNG per layer into this folder",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     return p
 
@@ -80,9 +93,11 @@ def _emit(score: LayerScore, args: argparse.Namespace) -> None:
         print(json.dumps(record), flush=True)
         return
     verdict = "DEFECT" if score.decision == "defect" else "ok"
-    print(f"{verdict:<6}  {score.label:<20} p={score.probs[score.label]:.3f}  "
-          f"defect_score={score.defect_score:.3f} (threshold {score.threshold:.3f})  {score.path}",
-          flush=True)
+    print(
+        f"{verdict:<6}  {score.label:<20} p={score.probs[score.label]:.3f}  "
+        f"defect_score={score.defect_score:.3f} (threshold {score.threshold:.3f})  {score.path}",
+        flush=True,
+    )
 
 
 def _report_error(path: Path, message: str, args: argparse.Namespace) -> int:

@@ -51,10 +51,17 @@ class ModelMeta:
             "metrics": self.metrics,
             "quantization": self.quantization,
             "defect_map_stride": str(self.defect_map_stride),
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", c, h, w],
-                      "pixels": "grey" if c == 1 else "RGB", "resize": "full layer, no crop"},
-            "outputs": {"probs": ["batch", len(self.classes)],
-                        "defect_map": ["batch", 1, "h/stride", "w/stride"]},
+            "input": {
+                "name": INPUT_NAME,
+                "dtype": "uint8",
+                "shape": ["batch", c, h, w],
+                "pixels": "grey" if c == 1 else "RGB",
+                "resize": "full layer, no crop",
+            },
+            "outputs": {
+                "probs": ["batch", len(self.classes)],
+                "defect_map": ["batch", 1, "h/stride", "w/stride"],
+            },
         }
         return {k: json.dumps(v) if k in _JSON_KEYS else str(v) for k, v in props.items()}
 

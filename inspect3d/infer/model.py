@@ -51,7 +51,10 @@ class OnnxModel:
 
     @classmethod
     def load(
-        cls, path: str | Path, provider: str = "auto", threshold: float | None = None,
+        cls,
+        path: str | Path,
+        provider: str = "auto",
+        threshold: float | None = None,
         threads: int = 0,
     ) -> OnnxModel:
         path = Path(path)
@@ -62,7 +65,7 @@ class OnnxModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             session = ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
-        except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+        except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
             raise InspectError(f"onnxruntime cannot load {str(path)!r}: {exc}") from exc
         check_active(session, provider)
         props = session.get_modelmeta().custom_metadata_map

@@ -21,8 +21,9 @@ def overlay(layer_grey: np.ndarray, defect_map: np.ndarray, alpha: float = 0.45)
     return (base * (1 - weight) + colored * weight).astype(np.uint8)
 
 
-def write_overlay(image_path: str | Path, defect_map: np.ndarray, out_dir: str | Path,
-                  max_side: int = 1024) -> Path:
+def write_overlay(
+    image_path: str | Path, defect_map: np.ndarray, out_dir: str | Path, max_side: int = 1024
+) -> Path:
     """Write ``<out_dir>/<image stem>.overlay.png`` for a layer image file; return its path."""
     grey = read_image(image_path, channels=1)
     scale = min(1.0, max_side / max(grey.shape))

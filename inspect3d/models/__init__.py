@@ -19,14 +19,21 @@ __all__ = ["MODEL_NAMES", "LayerNet", "Normalize", "ScoringNet", "build_model"]
 
 
 def build_model(
-    name: str, num_classes: int, pre: Preprocess, pretrained: bool = False, width: int = 16,
-    pool_r: float = 4.0, dropout: float = 0.1,
+    name: str,
+    num_classes: int,
+    pre: Preprocess,
+    pretrained: bool = False,
+    width: int = 16,
+    pool_r: float = 0.0,
+    dropout: float = 0.1,
 ) -> LayerNet:
     """A LayerNet with the named backbone for ``num_classes`` classes and ``pre`` inputs."""
     if name not in MODEL_NAMES:
         raise InspectError(f"unknown model {name!r}: choose one of {list(MODEL_NAMES)}")
     if num_classes < 2:
-        raise InspectError(f"need at least 2 classes (a normal class and a defect), got {num_classes}")
+        raise InspectError(
+            f"need at least 2 classes (a normal class and a defect), got {num_classes}"
+        )
     if name == "smallcnn":
         backbone = SmallCNN(pre.channels, width)
         channels = backbone.out_channels

@@ -61,7 +61,11 @@ def _adapt_first_conv(features: nn.Module, in_chans: int) -> None:
         return
     parent, child_name, conv = _first_conv(features)
     new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
         bias=conv.bias is not None,
     )
     with torch.no_grad():

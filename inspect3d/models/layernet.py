@@ -1,9 +1,10 @@
 """The network shape shared by every backbone: normalise -> features -> class map -> pooling.
 
 A 1x1 convolution turns backbone features into a map of class logits (one vector per cell of
-the layer); log-sum-exp pooling turns that map into per-layer logits. The same map, as
-1 - P(normal) per cell, is the coarse defect map. Thin defects that cover a few cells still
-drive the layer score, which plain average pooling would dilute.
+the layer); pooling turns that map into per-layer logits. The same map, as 1 - P(normal) per
+cell, is the coarse defect map. Pooling is log-sum-exp with sharpness ``pool_r``: 0 is the mean
+(class-activation maps; trains fastest), larger values move towards the max, so a defect
+covering few cells weighs more.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ class LayerNet(nn.Module):
     """uint8/float (N, C, H, W) pixels -> (layer logits (N, K), logit map (N, K, h, w))."""
 
     def __init__(
-        self, backbone: nn.Module, feature_channels: int, num_classes: int, pre: Preprocess,
-        pool_r: float = 4.0, dropout: float = 0.1,
+        self,
+        backbone: nn.Module,
+        feature_channels: int,
+        num_classes: int,
+        pre: Preprocess,
+        pool_r: float = 0.0,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(pre)
@@ -50,8 +56,10 @@ class LayerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit_map = self.head(self.dropout(self.backbone(self.normalize(x))))
-        flat = logit_map.flatten(2) * self.pool_r
-        pooled = torch.logsumexp(flat, dim=2) - math.log(flat.shape[2])
+        flat = logit_map.flatten(2)
+        if self.pool_r <= 0:
+            return flat.mean(dim=2), logit_map
+        pooled = torch.logsumexp(flat * self.pool_r, dim=2) - math.log(flat.shape[2])
         return pooled / self.pool_r, logit_map
 
 

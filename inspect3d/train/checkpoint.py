@@ -58,7 +58,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any], **
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise InspectError(f"checkpoint not found: {str(path)!r} (a run folder holds checkpoint.pt)")
+        raise InspectError(
+            f"checkpoint not found: {str(path)!r} (a run folder holds checkpoint.pt)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -26,44 +26,93 @@ def load_layers(items: list[Item], pre: Preprocess, progress: bool = True) -> np
             errors.append(str(exc))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        list(tqdm(pool.map(load, range(len(items))), total=len(items), desc="loading layers",
-                  disable=not progress, leave=False))
+        list(
+            tqdm(
+                pool.map(load, range(len(items))),
+                total=len(items),
+                desc="loading layers",
+                disable=not progress,
+                leave=False,
+            )
+        )
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise InspectError(f"{len(errors)} unreadable layer image(s): " + "; ".join(errors[:5]) + more)
+        raise InspectError(
+            f"{len(errors)} unreadable layer image(s): " + "; ".join(errors[:5]) + more
+        )
     return out
 
 
-class LayerDataset(torch.utils.data.Dataset):
-    """Preprocessed layers held in memory (decoding once; epochs then cost no I/O)."""
+MASK_STRIDE = 4  # masks are kept at 1/4 of the input size; the defect map is coarser still
 
-    def __init__(self, images: np.ndarray, labels: list[int]) -> None:
+
+def load_masks(
+    items: list[Item], labels: list[int], pre: Preprocess
+) -> tuple[np.ndarray, np.ndarray]:
+    """Defect masks (N, 1, H/4, W/4) uint8 and whether each is known.
+
+    A normal layer's mask is known to be empty; a defect layer without a mask file is unknown
+    (its cells are then left out of the map loss).
+    """
+    h, w = pre.height // MASK_STRIDE, pre.width // MASK_STRIDE
+    masks = np.zeros((len(items), 1, h, w), dtype=np.uint8)
+    known = np.array(
+        [lab == 0 or it.mask is not None for it, lab in zip(items, labels, strict=True)]
+    )
+    mask_pre = Preprocess(height=h, width=w, channels=1)
+    for i, it in enumerate(items):
+        if it.mask is not None and labels[i] != 0:
+            masks[i] = mask_pre.load(it.mask) > 0
+    return masks, known
+
+
+class LayerDataset(torch.utils.data.Dataset):
+    """Preprocessed layers (and masks) held in memory: decoded once, epochs cost no I/O."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: list[int],
+        masks: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.images = torch.from_numpy(images)
         self.labels = torch.tensor(labels, dtype=torch.long)
+        n, _, h, w = images.shape
+        if masks is None:
+            masks = (
+                np.zeros((n, 1, h // MASK_STRIDE, w // MASK_STRIDE), np.uint8),
+                np.zeros(n, bool),
+            )
+        self.masks = torch.from_numpy(masks[0])
+        self.known = torch.from_numpy(masks[1])
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.labels[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self.images[i], self.labels[i], self.masks[i], self.known[i]
 
 
 def augment(
-    x: torch.Tensor, jitter: float, hflip: bool, vflip: bool, gen: torch.Generator
-) -> torch.Tensor:
-    """Random flips and brightness/contrast jitter on a uint8 batch; returns float 0..255."""
-    x = x.float()
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    jitter: float,
+    hflip: bool,
+    vflip: bool,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips (of layer and mask) and brightness/contrast jitter; returns float 0..255."""
+    x, mask = x.float(), mask.clone()
     n = x.shape[0]
-    if hflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x[flip] = x[flip].flip(-1)
-    if vflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x[flip] = x[flip].flip(-2)
+    for enabled, dim in ((hflip, -1), (vflip, -2)):
+        if enabled:
+            flip = torch.rand(n, generator=gen) < 0.5
+            x[flip] = x[flip].flip(dim)
+            mask[flip] = mask[flip].flip(dim)
     if jitter > 0:
         shape = (n, 1, 1, 1)
         contrast = 1 + (torch.rand(shape, generator=gen) * 2 - 1) * jitter
         brightness = (torch.rand(shape, generator=gen) * 2 - 1) * jitter * 128
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * contrast + mean + brightness).clamp_(0, 255)
-    return x
+    return x, mask

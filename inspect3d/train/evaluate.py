@@ -40,14 +40,21 @@ def evaluate_run(cfg: Any) -> dict:
     normal = 1.0 - probs[labels == 0, 0]
     target = ckpt.get("target_frr", 0.05)
     metrics.update(
-        source=source, run=str(run), checkpoint_epoch=ckpt.get("epoch"), target_frr=target,
+        source=source,
+        run=str(run),
+        checkpoint_epoch=ckpt.get("epoch"),
+        target_frr=target,
         threshold_for_target_frr=calibrate_threshold(normal, target) if normal.size else None,
     )
     out = Path(cfg.out)
     write_json_atomic(out, metrics)
     _write_predictions(out.with_name(out.stem + "_predictions.csv"), items, probs, classes)
-    plot_confusion(metrics["confusion_matrix"], classes, out.with_name(out.stem + "_confusion.png"),
-                   f"eval: {source}")
+    plot_confusion(
+        metrics["confusion_matrix"],
+        classes,
+        out.with_name(out.stem + "_confusion.png"),
+        f"eval: {source}",
+    )
     _log_summary(metrics, out)
     return metrics
 
@@ -61,7 +68,11 @@ def _eval_items(cfg: Any, ckpt: dict) -> tuple[list[Item], list[str], str]:
         trained = OmegaConf.create(ckpt["config"])
         data = load_data(data_cfg or trained.data, trained.seed)
         items = [data.items[i] for i in data.val]
-        return items, [data.groups[i] for i in data.val], f"validation split of {data_cfg or trained.data}.root"
+        return (
+            items,
+            [data.groups[i] for i in data.val],
+            f"validation split of {data_cfg or trained.data}.root",
+        )
     items = load_items(data_cfg)
     if data_cfg.normal_class != ckpt["normal_class"]:
         raise InspectError(
@@ -87,19 +98,30 @@ def _predict(ckpt: dict, items: list[Item], labels: np.ndarray, cfg: Any) -> np.
     model = model_from_checkpoint(ckpt).to(device)
     images = load_layers(items, Preprocess.from_dict(ckpt["preprocess"]))
     loader = torch.utils.data.DataLoader(
-        LayerDataset(images, labels.tolist()), batch_size=cfg.get("batch_size", 16))
-    probs, _, _ = predict(model, loader, device, amp=device.type == "cuda", progress=True,
-                          desc="evaluating")
+        LayerDataset(images, labels.tolist()), batch_size=cfg.get("batch_size", 16)
+    )
+    probs, _, _ = predict(
+        model, loader, device, amp=device.type == "cuda", progress=True, desc="evaluating"
+    )
     return probs
 
 
-def _write_predictions(path: Path, items: list[Item], probs: np.ndarray, classes: list[str]) -> None:
+def _write_predictions(
+    path: Path, items: list[Item], probs: np.ndarray, classes: list[str]
+) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "predicted", "defect_score", *[f"p_{c}" for c in classes]])
     for it, p in zip(items, probs, strict=True):
-        w.writerow([str(it.path), it.label, classes[int(p.argmax())], f"{1 - p[0]:.6f}",
-                    *[f"{v:.6f}" for v in p]])
+        w.writerow(
+            [
+                str(it.path),
+                it.label,
+                classes[int(p.argmax())],
+                f"{1 - p[0]:.6f}",
+                *[f"{v:.6f}" for v in p],
+            ]
+        )
     write_text_atomic(path, buf.getvalue())
 
 
@@ -107,6 +129,14 @@ def _log_summary(m: dict, out: Path) -> None:
     ci = m["ci95"].get("macro_f1")
     ci_txt = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     auroc = "n/a" if m["auroc"] is None else f"{m['auroc']:.3f}"
-    log.info("N=%d (%d normal, %d defect): accuracy %.3f, macro-F1 %.3f%s, AUROC %s",
-             m["n"], m["n_normal"], m["n_defect"], m["accuracy"], m["macro_f1"], ci_txt, auroc)
+    log.info(
+        "N=%d (%d normal, %d defect): accuracy %.3f, macro-F1 %.3f%s, AUROC %s",
+        m["n"],
+        m["n_normal"],
+        m["n_defect"],
+        m["accuracy"],
+        m["macro_f1"],
+        ci_txt,
+        auroc,
+    )
     log.info("wrote %s", out)

@@ -17,9 +17,13 @@ from inspect3d.data.sources import LayerData, load_data, preprocess_of
 from inspect3d.io import write_json_atomic
 from inspect3d.metrics import calibrate_threshold, summarize
 from inspect3d.train.checkpoint import (
-    config_hash, load_checkpoint, load_weights, model_from_config, save_checkpoint,
+    config_hash,
+    load_checkpoint,
+    load_weights,
+    model_from_config,
+    save_checkpoint,
 )
-from inspect3d.train.dataset import LayerDataset, load_layers
+from inspect3d.train.dataset import LayerDataset, load_layers, load_masks
 from inspect3d.train.loop import predict, resolve_device, train_one_epoch
 from inspect3d.train.plots import plot_confusion, plot_curves
 
@@ -42,16 +46,23 @@ def make_loaders(data: LayerData, pre, trainer: Any, seed: int) -> Loaders:
     labels = data.labels()
     used = sorted(set(data.train) | set(data.val))
     images = load_layers([data.items[i] for i in used], pre, trainer.progress)
+    masks, known = load_masks([data.items[i] for i in used], [labels[i] for i in used], pre)
     pos = {i: k for k, i in enumerate(used)}
 
     def subset(idx: list[int]) -> LayerDataset:
-        return LayerDataset(images[[pos[i] for i in idx]], [labels[i] for i in idx])
+        rows = [pos[i] for i in idx]
+        return LayerDataset(images[rows], [labels[i] for i in idx], (masks[rows], known[rows]))
 
     gen = torch.Generator().manual_seed(seed)
     opts = {"batch_size": trainer.batch_size, "num_workers": trainer.num_workers}
     return Loaders(
-        train=torch.utils.data.DataLoader(subset(data.train), shuffle=True, generator=gen,
-                                          drop_last=len(data.train) > trainer.batch_size, **opts),
+        train=torch.utils.data.DataLoader(
+            subset(data.train),
+            shuffle=True,
+            generator=gen,
+            drop_last=len(data.train) > trainer.batch_size,
+            **opts,
+        ),
         val=torch.utils.data.DataLoader(subset(data.val), shuffle=False, **opts),
     )
 
@@ -93,8 +104,12 @@ def train(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, Path]:
 
 def _log_data(data: LayerData) -> None:
     log.info("classes: %s (normal: %s)", data.classes, data.normal_class)
-    log.info("split: %d training layers, %d validation layers, %d groups (jobs/blocks)",
-             len(data.train), len(data.val), len(set(data.groups)))
+    log.info(
+        "split: %d training layers, %d validation layers, %d groups (jobs/blocks)",
+        len(data.train),
+        len(data.val),
+        len(set(data.groups)),
+    )
 
 
 class _Training:
@@ -107,16 +122,20 @@ class _Training:
         labels = data.labels()
         weights = class_weights([labels[i] for i in data.train], len(data.classes), t.class_weights)
         self.criterion = torch.nn.CrossEntropyLoss(
-            weight=None if weights is None else weights.to(device))
+            weight=None if weights is None else weights.to(device)
+        )
         self.optimizer = instantiate(cfg.optim)(model.parameters())
-        steps = len(loaders.train) if t.max_steps_per_epoch is None else min(
-            len(loaders.train), t.max_steps_per_epoch)
-        self.scheduler = warmup_cosine(self.optimizer, steps * t.epochs,
-                                       max(1, int(steps * t.warmup_epochs)))
+        steps = (
+            len(loaders.train)
+            if t.max_steps_per_epoch is None
+            else min(len(loaders.train), t.max_steps_per_epoch)
+        )
+        self.scheduler = warmup_cosine(
+            self.optimizer, steps * t.epochs, max(1, int(steps * t.warmup_epochs))
+        )
         self.amp = bool(t.amp) and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
         self.history: list[dict] = []
         self.best = (-1.0, float("inf"))
         self.start_epoch = 1
@@ -149,44 +168,88 @@ class _Training:
 
     def fit(self) -> None:
         t = self.cfg.trainer
-        aug = {"jitter": self.cfg.data.jitter, "hflip": self.cfg.data.hflip,
-               "vflip": self.cfg.data.vflip}
+        aug = {
+            "jitter": self.cfg.data.jitter,
+            "hflip": self.cfg.data.hflip,
+            "vflip": self.cfg.data.vflip,
+        }
         for epoch in range(self.start_epoch, t.epochs + 1):
             torch.manual_seed(self.cfg.seed * 1000 + epoch)  # same epoch, same randomness
             self.loaders.train.generator.manual_seed(self.cfg.seed * 1000 + epoch)
             gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
             loss = train_one_epoch(
-                self.model, self.loaders.train, self.criterion, self.optimizer, self.scheduler,
-                self.scaler, self.device, aug, gen, self.amp, t.grad_clip, t.max_steps_per_epoch,
-                t.progress, f"epoch {epoch}/{t.epochs}")
+                self.model,
+                self.loaders.train,
+                self.criterion,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.device,
+                aug,
+                gen,
+                self.amp,
+                t.grad_clip,
+                t.max_steps_per_epoch,
+                t.progress,
+                f"epoch {epoch}/{t.epochs}",
+                t.map_loss_weight,
+            )
             self._end_epoch(epoch, loss)
 
     def _validate(self) -> tuple[dict, np.ndarray, np.ndarray, float]:
         probs, labels, logits = predict(self.model, self.loaders.val, self.device, self.amp)
-        val_loss = float(self.criterion(torch.from_numpy(logits),
-                                        torch.from_numpy(labels).to(torch.long)).item()) \
-            if len(labels) else float("nan")
+        val_loss = (
+            float(
+                self.criterion(
+                    torch.from_numpy(logits), torch.from_numpy(labels).to(torch.long)
+                ).item()
+            )
+            if len(labels)
+            else float("nan")
+        )
         groups = [self.data.groups[i] for i in self.data.val]
-        return summarize(labels, probs, self.data.classes, 0, groups=groups, n_boot=0), \
-            probs, labels, val_loss
+        return (
+            summarize(labels, probs, self.data.classes, 0, groups=groups, n_boot=0),
+            probs,
+            labels,
+            val_loss,
+        )
 
     def _end_epoch(self, epoch: int, train_loss: float) -> None:
         metrics, _, _, val_loss = self._validate()
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-               "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
-               "val_auroc": metrics["auroc"], "lr": self.optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_accuracy": metrics["accuracy"],
+            "val_macro_f1": metrics["macro_f1"],
+            "val_auroc": metrics["auroc"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
         self.history.append(row)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.3f, macro-F1 %.3f, AUROC %s",
-                 epoch, train_loss, val_loss, row["val_accuracy"], row["val_macro_f1"],
-                 "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}")
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val acc %.3f, macro-F1 %.3f, AUROC %s",
+            epoch,
+            train_loss,
+            val_loss,
+            row["val_accuracy"],
+            row["val_macro_f1"],
+            "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}",
+        )
         score = (row["val_macro_f1"], val_loss)
         if score[0] > self.best[0] or (score[0] == self.best[0] and score[1] < self.best[1]):
             self.best = score
             save_checkpoint(self.out_dir / "checkpoint.pt", self.model, self.meta, epoch=epoch)
         save_checkpoint(
-            self.out_dir / "last.pt", self.model, self.meta, epoch=epoch, history=self.history,
-            best=list(self.best), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict())
+            self.out_dir / "last.pt",
+            self.model,
+            self.meta,
+            epoch=epoch,
+            history=self.history,
+            best=list(self.best),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+        )
 
     def finish(self) -> tuple[dict, Path]:
         """Reload the best epoch, calibrate the threshold on normal val layers, write reports."""
@@ -199,22 +262,45 @@ class _Training:
         groups = [self.data.groups[i] for i in self.data.val]
         metrics = summarize(labels, probs, self.data.classes, 0, threshold, groups)
         metrics.update(best_epoch=ckpt["epoch"], target_frr=target, split=self._split_info())
-        save_checkpoint(best_path, self.model, self.meta, epoch=ckpt["epoch"],
-                        threshold=threshold, target_frr=target, metrics=metrics,
-                        history=self.history)
+        save_checkpoint(
+            best_path,
+            self.model,
+            self.meta,
+            epoch=ckpt["epoch"],
+            threshold=threshold,
+            target_frr=target,
+            metrics=metrics,
+            history=self.history,
+        )
         write_json_atomic(self.out_dir / "metrics.json", {**metrics, "history": self.history})
         plot_curves(self.history, self.out_dir / "curves.png")
-        plot_confusion(metrics["confusion_matrix"], self.data.classes,
-                       self.out_dir / "confusion.png", "validation (best epoch)")
-        log.info("best epoch %d: val macro-F1 %.3f (N=%d); threshold %.4f for FRR <= %.2f",
-                 ckpt["epoch"], metrics["macro_f1"], metrics["n"], threshold, target)
+        plot_confusion(
+            metrics["confusion_matrix"],
+            self.data.classes,
+            self.out_dir / "confusion.png",
+            "validation (best epoch)",
+        )
+        log.info(
+            "best epoch %d: val macro-F1 %.3f (N=%d); threshold %.4f for FRR <= %.2f",
+            ckpt["epoch"],
+            metrics["macro_f1"],
+            metrics["n"],
+            threshold,
+            target,
+        )
         return metrics, best_path
 
     def _split_info(self) -> dict:
         d = self.cfg.data
-        return {"fold": d.fold, "folds": d.folds, "block_size": d.block_size,
-                "purge_gap": d.purge_gap, "val_root": d.val_root,
-                "n_train": len(self.data.train), "n_val": len(self.data.val)}
+        return {
+            "fold": d.fold,
+            "folds": d.folds,
+            "block_size": d.block_size,
+            "purge_gap": d.purge_gap,
+            "val_root": d.val_root,
+            "n_train": len(self.data.train),
+            "n_val": len(self.data.val),
+        }
 
 
 def _threshold(probs: np.ndarray, labels: np.ndarray, target_frr: float) -> float | None:

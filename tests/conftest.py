@@ -1,0 +1,80 @@
+"""Shared fixtures: a small synthetic data set, a tiny trained run and its ONNX export.
+
+Everything is CPU-only and small (128 px layers, a few optimiser steps) so the suite stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+SIZE = 128
+
+
+def compose(config: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from inspect3d.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config, overrides=overrides)
+
+
+def train_overrides(root: Path, *extra: str) -> list[str]:
+    return [
+        "data=folder",
+        f"data.root={root}",
+        "data.normal_class=ok",
+        f"data.height={SIZE}",
+        f"data.width={SIZE}",
+        "trainer=fast",
+        "trainer.epochs=2",
+        "model.width=8",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from inspect3d.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth") / "set"
+    generate(out, SynthConfig(seed=0, n_jobs=10, layers_per_job=6, size=SIZE), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def holdout_dir(tmp_path_factory) -> Path:
+    from inspect3d.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("holdout") / "set"
+    generate(out, SynthConfig(seed=1, n_jobs=5, layers_per_job=4, size=SIZE), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_dir, tmp_path_factory) -> Path:
+    from inspect3d.train.run import train
+
+    run = tmp_path_factory.mktemp("run")
+    train(compose("train", train_overrides(synth_dir)), run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run) -> Path:
+    from inspect3d.export.onnx import export_run
+
+    export_run(compose("export", [f"run={tiny_run}"]))
+    return tiny_run / "model.onnx"
+
+
+def pblm_or_skip() -> Path:
+    pblm = SHARED / "pblm"
+    if not pblm.is_dir():
+        pytest.skip(f"real data not here: {pblm} is absent (it sits beside the project in CI)")
+    return pblm

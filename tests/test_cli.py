@@ -1,0 +1,134 @@
+"""The interface contract, run as a user would, and its errors (one clear line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import SIZE
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "inspect3d.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_contract_end_to_end(tmp_path):
+    data, holdout, run = tmp_path / "synth set", tmp_path / "holdout", tmp_path / "run dir"
+    small = [f"size={SIZE}", "layers_per_job=4"]
+    assert cli("synth", f"out={data}", "seed=3", "n_jobs=8", *small).returncode == 0
+    assert cli("synth", f"out={holdout}", "seed=4", "n_jobs=4", *small).returncode == 0
+    assert (data / "manifest.csv").is_file() and (data / "ok").is_dir()
+
+    r = cli(
+        "train",
+        "data=folder",
+        f"data.root={data}",
+        "data.normal_class=ok",
+        "trainer.epochs=1",
+        f"hydra.run.dir={run}",
+        f"data.height={SIZE}",
+        f"data.width={SIZE}",
+        "trainer=fast",
+        "model.width=8",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (run / "checkpoint.pt").is_file() and (run / "train.log").is_file()
+
+    r = cli("eval", f"run={run}", "data=folder", f"data.root={holdout}", "data.normal_class=ok")
+    assert r.returncode == 0, r.stderr
+    assert {"accuracy", "macro_f1", "auroc", "n"} <= set(
+        json.loads((run / "eval.json").read_text())
+    )
+
+    r = cli("export", f"run={run}")
+    assert r.returncode == 0, r.stderr
+    assert "parity check" in r.stdout and (run / "model.onnx").is_file()
+
+    r = cli("predict", str(run / "model.onnx"), str(holdout / "ok"), "--jsonl")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == len(list((holdout / "ok").iterdir()))
+    for row in rows:
+        assert {"path", "label", "probs", "defect_score", "decision"} <= set(row)
+        assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_predict_reports_a_corrupt_file_and_scores_the_rest(exported, tmp_path):
+    bad, good = tmp_path / "bad layer.png", tmp_path / "good layer.png"
+    bad.write_bytes(b"\x89PNG broken")
+    cv2.imwrite(str(good), np.full((200, 200), 100, np.uint8))
+    r = cli(
+        "predict",
+        str(exported),
+        str(bad),
+        str(good),
+        "--jsonl",
+        "--overlay-dir",
+        str(tmp_path / "ov"),
+    )
+    assert r.returncode == 1
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert "cannot decode" in rows[0]["error"] and "bad layer.png" in rows[0]["error"]
+    assert rows[1]["path"] == str(good) and rows[1]["decision"] in ("ok", "defect")
+    assert (tmp_path / "ov" / "good layer.overlay.png").is_file()
+
+
+def test_predict_readable_output(exported, holdout_dir):
+    r = cli("predict", str(exported), str(holdout_dir / "ok"))
+    assert r.returncode == 0 and "defect_score=" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["train", "data=folder", "data.root=/no/such/dir", "data.normal_class=OK"],
+            "data root '/no/such/dir' does not exist",
+        ),
+        (["train", "trainer.epohcs=3"], "epohcs"),
+        (["train", "model=vgg"], "vgg"),
+        (["eval", "run=/no/such/run"], "checkpoint not found"),
+        (["export", "run=/no/such/run"], "checkpoint not found"),
+        (["predict", "/no/model.onnx", "x.png"], "model file not found"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(args, message, tmp_path):
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+
+
+def test_missing_normal_class(synth_dir, tmp_path):
+    r = cli(
+        "train",
+        "data=folder",
+        f"data.root={synth_dir}",
+        "data.normal_class=OK",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2
+    assert "normal_class 'OK' is not among the classes found" in r.stderr
+
+
+def test_scoring_path_imports_no_torch():
+    code = (
+        "import sys, inspect3d.infer, inspect3d.infer.cli, inspect3d.data.preprocess, "
+        "inspect3d.data.synth, inspect3d.metrics; "
+        "bad = [m for m in ('torch', 'hydra', 'torchvision') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
