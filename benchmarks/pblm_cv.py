@@ -77,6 +77,7 @@ def run_cv(root: Path, out_dir: Path, variant: str, args) -> list[dict]:
                 f"data.width={args.size}",
                 f"data.subsample={args.subsample}",
                 "trainer.progress=false",
+                "trainer.batch_size=8",
                 *VARIANTS[variant],
             ],
         )
@@ -107,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--root", type=Path, default=Path(os.environ.get("PBLM_ROOT", DEFAULT_ROOT)))
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--subsample", type=int, default=4)
     ap.add_argument("--variants", default="per_image,fixed")

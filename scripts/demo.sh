@@ -3,7 +3,7 @@
 # Uses exactly the `inspect3d` commands a user would type. Usage: scripts/demo.sh [OUT_DIR]
 set -euo pipefail
 OUT=${1:-outputs/demo}
-EPOCHS=${DEMO_EPOCHS:-20}
+EPOCHS=${DEMO_EPOCHS:-30}
 SIZE=${DEMO_SIZE:-256}   # synthetic layer size = model input size
 JOBS=${DEMO_JOBS:-24}
 rm -rf "$OUT"

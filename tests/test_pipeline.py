@@ -89,6 +89,16 @@ def test_eval_on_held_out_data_writes_eval_json(tiny_run, holdout_dir, tmp_path)
     assert {"accuracy", "macro_f1", "auroc", "threshold", "per_class"} <= set(saved)
 
 
+def test_eval_without_data_uses_the_runs_validation_split(tiny_run, tmp_path):
+    from inspect3d.train.evaluate import evaluate_run
+
+    metrics = evaluate_run(compose("eval", [f"run={tiny_run}", f"out={tmp_path / 'v.json'}"]))
+    trained = load_checkpoint(tiny_run / "checkpoint.pt")["metrics"]
+    assert metrics["source"].startswith("validation split")
+    assert metrics["n"] == trained["n"]
+    assert metrics["macro_f1"] == pytest.approx(trained["macro_f1"])
+
+
 def test_eval_refuses_a_class_the_model_does_not_know(tiny_run, holdout_dir, tmp_path):
     from inspect3d.train.evaluate import evaluate_run
 
