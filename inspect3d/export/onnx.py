@@ -37,15 +37,15 @@ def export_run(cfg: Any) -> list[Path]:
     ckpt = load_checkpoint(Path(cfg.run) / "checkpoint.pt")
     net = ScoringNet(model_from_checkpoint(ckpt)).eval()
     meta = meta_from_checkpoint(ckpt)
-    layers, labels = check_layers(
-        ckpt, max(cfg.n_check, cfg.n_calib if cfg.quantize == "int8" else 0)
-    )
+    int8 = cfg.quantize == "int8"
+    layers, labels = real_layers(ckpt, max(cfg.n_check, 64 if int8 else 0), "val")
     out = export_onnx(net, meta, Path(cfg.out), cfg.opset, layers[: cfg.n_check], cfg.tolerance)
     paths = [out]
-    if cfg.quantize == "int8":
+    if int8:
         from inspect3d.export.quantize import quantize_int8
 
-        paths.append(quantize_int8(out, layers[: cfg.n_calib], layers, labels))
+        calib, _ = real_layers(ckpt, cfg.n_calib, "train")
+        paths.append(quantize_int8(out, calib, layers, labels))
     return paths
 
 
@@ -65,10 +65,11 @@ def meta_from_checkpoint(ckpt: dict) -> ModelMeta:
     )
 
 
-def check_layers(ckpt: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` real validation layers of the run's data (uint8 N,C,H,W) and their labels.
+def real_layers(ckpt: dict, n: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` layers (uint8 N,C,H,W) of the run's ``train`` or ``val`` split, and labels.
 
-    Falls back to synthetic powder-bed layers, with a warning, when that data is not here.
+    Falls back to synthetic powder-bed layers (labels -1), with a warning, when that data is
+    not on this machine.
     """
     from inspect3d.data.sources import load_data
 
@@ -76,8 +77,9 @@ def check_layers(ckpt: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     trained = OmegaConf.create(ckpt["config"])
     try:
         data = load_data(trained.data, trained.seed)
-        pick = np.linspace(0, len(data.val) - 1, min(n, len(data.val))).round().astype(int)
-        idx = sorted({data.val[i] for i in pick})
+        pool = data.train if split == "train" else data.val
+        pick = np.linspace(0, len(pool) - 1, min(n, len(pool))).round().astype(int)
+        idx = sorted({pool[i] for i in pick})
         labels = np.array(data.labels())[idx]
         return np.stack([pre.load(data.items[i].path) for i in idx]), labels
     except InspectError as exc:

@@ -16,8 +16,8 @@ from inspect3d.io import save_atomic  # noqa: E402
 def plot_curves(history: list[dict], path: Path) -> Path:
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (layer + map)")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation (layer)")
     ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax1.legend()
     for key in ("val_accuracy", "val_macro_f1", "val_auroc"):
