@@ -137,17 +137,33 @@ def test_scoring_path_imports_no_torch():
 
 def test_multirun_sweep_writes_one_run_per_value(synth_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    r = cli("train", "-m", "data=folder", f"data.root={synth_dir}", "data.normal_class=ok",
-            f"data.height={SIZE}", f"data.width={SIZE}", "trainer=fast", "model.width=8",
-            "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    r = cli(
+        "train",
+        "-m",
+        "data=folder",
+        f"data.root={synth_dir}",
+        "data.normal_class=ok",
+        f"data.height={SIZE}",
+        f"data.width={SIZE}",
+        "trainer=fast",
+        "model.width=8",
+        "trainer.epochs=1",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert r.returncode == 0, r.stderr
     assert (sweep / "0" / "checkpoint.pt").is_file() and (sweep / "1" / "checkpoint.pt").is_file()
 
 
 def test_script_and_cli_compose_the_same_config(tmp_path):
     args = ["data=pblm", "model=resnet18", "trainer.epochs=3", "--cfg", "job"]
-    script = subprocess.run([sys.executable, "scripts/train.py", *args], capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    script = subprocess.run(
+        [sys.executable, "scripts/train.py", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert script.returncode == 0, script.stderr
     assert script.stdout == cli("train", *args).stdout
     assert "name: resnet18" in script.stdout and "epochs: 3" in script.stdout

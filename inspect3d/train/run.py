@@ -54,8 +54,11 @@ def make_loaders(data: LayerData, pre, trainer: Any, seed: int) -> Loaders:
         return LayerDataset(images[rows], [labels[i] for i in idx], (masks[rows], known[rows]))
 
     gen = torch.Generator().manual_seed(seed)
-    opts = {"batch_size": trainer.batch_size, "num_workers": trainer.num_workers,
-            "pin_memory": torch.cuda.is_available()}
+    opts = {
+        "batch_size": trainer.batch_size,
+        "num_workers": trainer.num_workers,
+        "pin_memory": torch.cuda.is_available(),
+    }
     return Loaders(
         train=torch.utils.data.DataLoader(
             subset(data.train),
@@ -310,7 +313,10 @@ def _threshold(probs: np.ndarray, labels: np.ndarray, target_frr: float) -> floa
         log.warning("no normal layers in the validation split: threshold left at 0.5")
         return 0.5
     if normal.size < 1 / max(target_frr, 1e-9):
-        log.warning("threshold calibrated on only %d normal layers: too few to resolve a %.1f%% "
-                    "false-reject rate; recalibrate on more normal layers", normal.size,
-                    100 * target_frr)
+        log.warning(
+            "threshold calibrated on only %d normal layers: too few to resolve a %.1f%% "
+            "false-reject rate; recalibrate on more normal layers",
+            normal.size,
+            100 * target_frr,
+        )
     return calibrate_threshold(normal, target_frr)
