@@ -1,7 +1,9 @@
 """The ``inspect3d`` command: one entry point, one sub-command per stage of the flow.
 
 synth, train, eval and export take Hydra overrides (``key=value``; train also ``-m`` sweeps);
-predict and fetch take ordinary options. Only train/eval/export import torch.
+predict, fetch and status take ordinary options; watch and simulate take ``key=value``
+overrides of configs/watch.yaml and simulate.yaml, merged with OmegaConf (``model`` and
+``data`` are Hydra config groups here). Only train/eval/export import torch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ commands (the flow: synth/fetch -> train -> eval -> export -> predict):
   eval     run=RUN [data=... ]                  evaluate a run; writes RUN/eval.json
   export   run=RUN [quantize=int8]              write RUN/model.onnx and check it against torch
   predict  MODEL.onnx PATH... [--jsonl]         score layer images with onnxruntime
+  simulate data=DIR inbox=INBOX printers=N rate=R   replay jobs into an inbox like printers do
+  watch    model=MODEL.onnx inbox=INBOX state=STATE  score layers as they land, decide per job
+  status   state=STATE [--json] [--jobs]        the watcher's printers, jobs and health
 
 Run `inspect3d COMMAND --help` for the options of one command.
 """
@@ -115,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             from inspect3d.infer.cli import main as predict_main
 
             return predict_main(args)
+        if command in ("watch", "simulate"):  # key=value read by OmegaConf (see watch/cli.py)
+            from inspect3d.watch import cli as watch_cli
+
+            return watch_cli.main(command, args)
+        if command == "status":
+            from inspect3d.watch.status import main as status_main
+
+            return status_main(args)
         if command == "fetch":
             from inspect3d.data.fetch import main as fetch_main
 

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from inspect3d.errors import InspectError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _JOB_LAYER = re.compile(r"^(?P<job>.+?)__(?P<layer>\d+)$")
@@ -55,3 +57,46 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` (hidden files skipped), in natural order of their names."""
     it = folder.rglob("*") if recursive else folder.iterdir()
     return sorted((p for p in it if is_image(p)), key=lambda p: natural_key(str(p)))
+
+
+# --- inbox paths of the watcher: <inbox>/<printer>/<job>/<layer image> ----------------------
+
+# Named groups: ``printer`` and ``job`` (required), ``layer`` (optional: without it layers are
+# numbered in order of arrival, e.g. for ``PowderRecoat_20210909_143308.jpg``).
+DEFAULT_INBOX_PATTERN = r"(?P<printer>[^/]+)/(?P<job>[^/]+)/(?:[^/]*?(?P<layer>\d+)\D*|[^/]*)"
+
+
+@dataclass(frozen=True)
+class InboxName:
+    """Printer, job and (when the name tells) layer number of a file below an inbox."""
+
+    printer: str
+    job: str
+    layer: int | None
+
+
+def compile_inbox_pattern(pattern: str = DEFAULT_INBOX_PATTERN) -> re.Pattern[str]:
+    """Compile a path pattern (regex on the '/'-separated path relative to the inbox)."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise InspectError(
+            f"path pattern {pattern!r} is not a valid regular expression: {exc}"
+        ) from exc
+    missing = {"printer", "job"} - set(rx.groupindex)
+    if missing:
+        raise InspectError(
+            f"path pattern {pattern!r} lacks the named group(s) {sorted(missing)}: it needs "
+            "(?P<printer>...) and (?P<job>...), and may have (?P<layer>\\d+)"
+        )
+    return rx
+
+
+def parse_inbox_path(rel_path: str, pattern: re.Pattern[str]) -> InboxName | None:
+    """(printer, job, layer) of a path relative to the inbox ('/'-separated, extension kept);
+    None when the pattern does not match the whole path."""
+    m = pattern.fullmatch(str(rel_path).replace("\\", "/"))
+    if m is None or not m["printer"] or not m["job"]:
+        return None
+    layer = m.groupdict().get("layer")
+    return InboxName(printer=m["printer"], job=m["job"], layer=int(layer) if layer else None)

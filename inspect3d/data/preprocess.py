@@ -74,17 +74,31 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InspectError(f"layer image not found: {str(path)!r}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    image = cv2.imdecode(data, flag) if data.size else None
+    image, _ = decode_image(np.fromfile(str(path), dtype=np.uint8), channels, repr(str(path)))
+    return image
+
+
+def decode_image(
+    data: bytes | np.ndarray, channels: int, source: str = "image"
+) -> tuple[np.ndarray, list[str]]:
+    """Encoded bytes -> grey (H, W) or RGB (H, W, 3) uint8, and notes on what was converted.
+
+    Any depth (16-bit is scaled to 8) and any colour layout are accepted; EXIF orientation is
+    applied. ``source`` names the input in the error for undecodable data.
+    """
+    buf = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
+    image = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if image is None:
         raise InspectError(
-            f"cannot decode {str(path)!r} ({data.size} bytes): not a readable image; "
+            f"cannot decode {source} ({buf.size} bytes): not a readable image; "
             f"expected one of {', '.join(IMAGE_EXTENSIONS)}"
         )
-    if channels == 3:
+    notes = [f"{image.dtype} pixels scaled to 8 bit"] if image.dtype != np.uint8 else []
+    if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
+    if (image.ndim == 3) != (channels == 3):
+        notes.append("colour converted to grey" if channels == 1 else "grey converted to colour")
+    return _to_channels(_to_uint8(image), channels), notes
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

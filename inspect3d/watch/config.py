@@ -1,0 +1,79 @@
+"""Settings of the watcher, checked when it starts (plain dataclasses: no Hydra needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from inspect3d.data.layout import DEFAULT_INBOX_PATTERN
+from inspect3d.errors import InspectError
+from inspect3d.watch.policy import PolicyConfig
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    """What to do on a decision: a command (argv, no shell) and/or a webhook POST."""
+
+    command: list[str] | None = None  # e.g. ["/usr/local/bin/pause-printer", "--now"]
+    webhook: str | None = None  # e.g. http://mes.local/api/inspect3d
+    levels: tuple[str, ...] = ("REJECT",)  # decisions that trigger: WARN, REJECT, FINAL_REJECT...
+    timeout_s: float = 5.0
+    retries: int = 2
+    backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """Everything ``inspect3d watch`` needs; see configs/watch.yaml for the meaning of each."""
+
+    model: str
+    inbox: str
+    state: str
+    pattern: str = DEFAULT_INBOX_PATTERN
+    marker: str = "JOB_END"
+    poll_s: float = 0.25
+    settle_s: float = 0.5
+    idle_s: float = 900.0
+    batch_size: int = 16
+    max_pixels: int = 100_000_000
+    provider: str = "auto"
+    threads: int = 0
+    until_idle: bool = False  # exit once the inbox is drained (demo, tests); else run forever
+    review: bool = True
+    log_max_bytes: int = 10_000_000
+    log_backups: int = 5
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    actions: ActionConfig = field(default_factory=ActionConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("poll_s", "settle_s", "idle_s"):
+            if getattr(self, name) < 0:
+                raise InspectError(f"{name}={getattr(self, name)!r} must be >= 0 (seconds)")
+        if self.batch_size < 1 or self.max_pixels < 1:
+            raise InspectError(
+                f"batch_size={self.batch_size!r} and max_pixels={self.max_pixels!r} must be >= 1"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WatchConfig:
+        """Build from a plain mapping (e.g. a resolved Hydra config); unknown keys are errors."""
+        d = dict(d)
+        d["policy"] = _build(PolicyConfig, d.get("policy") or {}, "policy")
+        acts = dict(d.get("actions") or {})
+        if isinstance(acts.get("command"), str):
+            acts["command"] = [acts["command"]]
+        if "levels" in acts:
+            acts["levels"] = tuple(acts["levels"])
+        d["actions"] = _build(ActionConfig, acts, "actions")
+        return _build(cls, d, "watch")
+
+
+def _build(kind: type, d: dict[str, Any], where: str):
+    valid = {f.name for f in fields(kind)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise InspectError(f"unknown {where} setting(s) {unknown}: valid are {sorted(valid)}")
+    try:
+        return kind(**d)
+    except TypeError as exc:
+        raise InspectError(f"{where} settings: {exc}") from exc

@@ -1,0 +1,147 @@
+"""Checking and scoring a batch of arrived layer files; each file gives a ``LayerResult``.
+
+Every refusal names the bad value: wrong extension, control characters in the name, a symlink
+out of the inbox, zero bytes, an image above the pixel limit (read from the header, before any
+decoding), an unreadable or undecodable file. 16-bit and colour images are converted the way
+the model's preprocessing converts arrays, and that is noted on the layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inspect3d.data.layout import IMAGE_EXTENSIONS
+from inspect3d.data.preprocess import decode_image
+from inspect3d.errors import InspectError
+from inspect3d.infer.model import LayerScore, OnnxModel
+from inspect3d.watch.inbox import Arrival, inside, odd_name
+
+
+@dataclass
+class LayerResult:
+    """The outcome for one file: ``status`` is 'scored', 'failed' or 'retry' (still changing)."""
+
+    arrival: Arrival
+    status: str
+    sha256: str | None = None
+    score: LayerScore | None = None
+    error: str | None = None
+    note: str | None = None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes (one place, so that tests can inject unreadability when run as root)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header without decoding; None if unknown."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+def check_file(a: Arrival, inbox: Path, max_pixels: int) -> tuple[str | None, bytes | None]:
+    """(error, bytes): the reason to refuse the file, or its content."""
+    if (why := odd_name(a.rel)) is not None:
+        return why, None
+    if a.path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return (
+            f"extension {a.path.suffix!r} of {a.rel!r} is not an image: "
+            f"use one of {', '.join(IMAGE_EXTENSIONS)}",
+            None,
+        )
+    if a.path.is_symlink() and not inside(a.path, inbox):
+        return f"{a.rel!r} is a symlink pointing out of the inbox; copy the file in instead", None
+    try:
+        data = read_bytes(a.path)
+    except OSError as exc:
+        return f"cannot read {a.rel!r}: {exc.strerror or exc}", None
+    if not data:
+        return f"{a.rel!r} has 0 bytes: an empty or truncated image", data
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        return f"{a.rel!r} is {size[0]}x{size[1]} pixels, above max_pixels={max_pixels}", data
+    return None, data
+
+
+def decode(data: bytes, channels: int, rel: str) -> tuple[np.ndarray | None, str | None]:
+    """(image as the preprocessing expects it, note on conversions) or (None, error)."""
+    try:
+        image, notes = decode_image(data, channels, repr(rel))
+    except InspectError as exc:
+        return None, str(exc)
+    return image, "; ".join(notes) or None
+
+
+def score_batch(
+    model: OnnxModel, arrivals: list[Arrival], inbox: Path, max_pixels: int
+) -> list[LayerResult]:
+    """Check, decode and score ``arrivals`` (one onnxruntime call for all good ones)."""
+    results, images = [], []
+    for a in arrivals:
+        result, image = _prepare(model, a, inbox, max_pixels)
+        results.append(result)
+        if image is not None:
+            images.append((result, image))
+    if images:
+        try:
+            scores = model.predict_batch([img for _, img in images])
+        except Exception:  # one bad image must not sink the batch: score them one by one
+            scores = [_predict_one(model, r, img) for r, img in images]
+        for (result, _), score in zip(images, scores, strict=True):
+            if score is not None:
+                result.status, result.score, result.error = "scored", score, None
+    return results
+
+
+def _prepare(
+    model: OnnxModel, a: Arrival, inbox: Path, max_pixels: int
+) -> tuple[LayerResult, np.ndarray | None]:
+    error, data = check_file(a, inbox, max_pixels)
+    sha = hashlib.sha256(data).hexdigest() if data is not None else None
+    if error is None and data is not None and len(data) != a.size:
+        return LayerResult(a, "retry"), None  # changed after it looked stable
+    if error is not None:
+        return LayerResult(a, "failed", sha, error=error), None
+    image, note = decode(data, model.meta.preprocess.channels, a.rel)
+    if image is None:
+        return LayerResult(a, "failed", sha, error=note), None
+    if image.shape[0] * image.shape[1] > max_pixels:
+        msg = (
+            f"{a.rel!r} is {image.shape[1]}x{image.shape[0]} pixels, above max_pixels={max_pixels}"
+        )
+        return LayerResult(a, "failed", sha, error=msg), None
+    return LayerResult(a, "failed", sha, error="not scored", note=note), image
+
+
+def _predict_one(model: OnnxModel, result: LayerResult, image: np.ndarray) -> LayerScore | None:
+    try:
+        return model.predict(image)
+    except Exception as exc:  # recorded on the layer; the watcher goes on
+        result.error = f"{result.arrival.rel!r}: the model cannot score it: {exc}"
+        return None

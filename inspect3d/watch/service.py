@@ -1,0 +1,418 @@
+"""The watcher loop: poll the inbox, score new layers in batches, decide per job, record.
+
+One iteration (``Watcher.step``):
+1. poll the inbox for stable new files (all printers together);
+2. score up to ``batch_size`` of them in one onnxruntime call;
+3. in ONE transaction: record each layer (scored or failed), open/close jobs, run the policy and
+   record the decisions it makes (exactly once: see ``inspect3d.watch.store``);
+4. end jobs on their marker file or when idle (final verdict);
+5. outbox: reject log, review evidence, actions; health in the ``meta`` table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+from inspect3d.data.layout import compile_inbox_pattern
+from inspect3d.errors import InspectError
+from inspect3d.infer.model import OnnxModel
+from inspect3d.watch import journal
+from inspect3d.watch.actions import ActionRunner
+from inspect3d.watch.config import WatchConfig
+from inspect3d.watch.inbox import Arrival, InboxScanner
+from inspect3d.watch.policy import Decision, JobState, LayerObs, replay, step
+from inspect3d.watch.scoring import LayerResult, score_batch
+from inspect3d.watch.store import Store, decode_map
+
+log = logging.getLogger(__name__)
+DB_NAME, LOG_NAME, REJECTS_NAME, LOCK_NAME = "watch.db", "watch.log", "rejects.jsonl", "watch.lock"
+INBOX_LOCK = ".inspect3d-watch.lock"
+RELOAD_REQUEST = "reload.request"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def acquire_lock(path: Path, what: str) -> int:
+    """Hold an exclusive ``flock`` on ``path`` (released by the OS even on kill -9)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise InspectError(
+            f"another watcher (pid {holder}) already watches {what}: {str(path)!r} is locked; "
+            "stop it first, or give this one another inbox and state"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+class Watcher:
+    """A running watcher over one inbox; ``run()`` until stopped (or drained with until_idle)."""
+
+    def __init__(self, cfg: WatchConfig) -> None:
+        self.cfg = cfg
+        self.inbox, self.state = Path(cfg.inbox).expanduser(), Path(cfg.state).expanduser()
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.states: dict[int, JobState] = {}
+        self.ended_dirs: set[str] = set()  # folders of ended jobs: not listed any more
+        self._closing: list[int] = []
+        self._locks: list[int] = []
+        self._health: dict = {}
+
+    # --- start / stop --------------------------------------------------------------------------
+    def start(self) -> Watcher:
+        """Take the locks, open the store, load the model, replay open jobs' policy state."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self._locks.append(acquire_lock(self.state / LOCK_NAME, f"state {str(self.state)!r}"))
+        try:
+            self._locks.append(acquire_lock(self.inbox / INBOX_LOCK, f"inbox {str(self.inbox)!r}"))
+            self._start_parts()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _start_parts(self) -> None:
+        self.pattern = compile_inbox_pattern(self.cfg.pattern)
+        self.store = Store(self.state / DB_NAME)
+        self.known = self.store.known_rels()
+        self.ended_dirs.update(self.store.job_dirs(None))
+        self.scanner = InboxScanner(self.inbox, self.pattern, self.cfg.marker, self.cfg.settle_s)
+        self.rejects = journal.RejectLog(self.state / REJECTS_NAME)
+        self.actions = ActionRunner(self.cfg.actions)
+        self._load_model()
+        for job in self.store.open_jobs():
+            self.states[job["id"]] = replay(self.store.job_obs(job["id"]), *self._policy())[0]
+        self.store.set_meta(
+            inbox=str(self.inbox), pid=os.getpid(), started_at=time.time(), stopped_at=None
+        )
+        log.info("watching %s (state %s, model %s)", self.inbox, self.state, self.model_sha[:12])
+
+    def _policy(self):
+        return self.cfg.policy, self.model.threshold
+
+    def _load_model(self) -> None:
+        """(Re)load the model; the file's hash names the model on every layer it scores."""
+        model = OnnxModel.load(
+            self.cfg.model, self.cfg.provider, self.cfg.policy.threshold, self.cfg.threads
+        )
+        sha = file_sha256(self.cfg.model)  # after load: a missing file gets the clear error above
+        self.model, self.model_sha = model, sha
+        self.store.set_meta(
+            model=str(self.cfg.model), model_sha=sha, model_name=model.meta.model_name,
+            provider=model.providers[0], threshold=model.threshold,
+            policy=self.cfg.policy.version(),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.actions.close(wait_s=self.cfg.actions.timeout_s)
+        self._drain_actions()
+        self.store.set_meta(stopped_at=time.time())
+        self.store.close()
+        self._release()
+
+    def _release(self) -> None:
+        while self._locks:
+            os.close(self._locks.pop())
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Loop until SIGINT/SIGTERM (finishing the batch in hand) or, with until_idle, drained."""
+        self._install_signals()
+        while not self.stop_requested.is_set():
+            try:
+                busy = self.step()
+            except (sqlite3.Error, OSError) as exc:  # e.g. the database's disk is full: retry
+                log.exception("watcher step failed; retrying")
+                self._try_record("step", f"{type(exc).__name__}: {exc}")
+                self.stop_requested.wait(max(1.0, self.cfg.poll_s))
+                continue
+            if self.cfg.until_idle and not busy and self._drained():
+                break
+            if not busy:
+                self.stop_requested.wait(self.cfg.poll_s)
+        log.info("watcher stopped")
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+
+    def _drained(self) -> bool:
+        return not self.scanner.waiting and not self.actions.running
+
+    def step(self, now: float | None = None) -> bool:
+        """One iteration; True when it did something (files scored, markers handled)."""
+        self._maybe_reload()
+        arrivals = self.scanner.poll(self.known, now, frozenset(self.ended_dirs))
+        self._note_scan_error()
+        layers = [a for a in arrivals if not a.marker][: self.cfg.batch_size]
+        if layers:
+            self._commit(score_batch(self.model, layers, self.inbox, self.cfg.max_pixels))
+        rest = {(a.printer, a.job) for a in arrivals[len(layers) :] if not a.marker}
+        rest |= self.scanner.waiting  # end a job only once all its files are in
+        markers = [a for a in arrivals if a.marker and (a.printer, a.job) not in rest]
+        self._end_jobs(markers, now)
+        self._flush_outbox()
+        self._update_health(len(arrivals) - len(layers) - len(markers))
+        return bool(layers or markers)
+
+    # --- recording a batch ---------------------------------------------------------------------
+    def _commit(self, results: list[LayerResult]) -> None:
+        now, states = time.time(), dict(self.states)
+        committed = False
+        try:
+            with self.store.transaction():
+                for r in results:
+                    if r.status == "retry":
+                        self.scanner.forget(r.arrival.rel)
+                        continue
+                    self._record(r, states, now)
+            committed = True
+        finally:
+            self._closed(committed)
+        self.states = states
+        self.known.update(r.arrival.rel for r in results if r.status != "retry")
+        for r in results:
+            if r.status == "failed":
+                log.warning("layer failed: %s", r.error)
+
+    def _record(self, r: LayerResult, states: dict[int, JobState], now: float) -> None:
+        a = r.arrival
+        job = self.store.job(a.printer, a.job)
+        if job is None:
+            self._finish_printer_jobs(a.printer, states, now)
+            job_id = self.store.open_job(a.printer, a.job, now)
+            states[job_id] = JobState()
+        elif job["status"] != "open":
+            job_id = job["id"]
+            r.status, r.score = "failed", None
+            r.error = f"job {a.job!r} of printer {a.printer!r} already ended ({job['end_reason']})"
+        else:
+            job_id = job["id"]
+        layer = a.layer if a.layer is not None else self.store.n_layers(job_id) + 1
+        self.store.insert_layer(job_id, layer, r, self.model_sha, now)
+        if r.status == "scored":
+            obs = LayerObs(layer, r.score.defect_score, r.score.label)
+            self._apply_policy(job_id, a, obs, states, now)
+        if job is None or job["status"] == "open":
+            self.store.touch_job(job_id, now, states.get(job_id, JobState()).level)
+
+    def _apply_policy(
+        self, job_id: int, a: Arrival, obs: LayerObs, states: dict[int, JobState], now: float
+    ) -> None:
+        state, decision = step(states.get(job_id, JobState()), obs, *self._policy())
+        states[job_id] = state
+        if decision is not None:
+            self._decide(job_id, a.printer, a.job, decision.level, decision, decision.reason(), now)
+
+    def _decide(
+        self,
+        job_id: int,
+        printer: str,
+        job: str,
+        verdict: str,
+        d: Decision | None,
+        reason: dict,
+        now: float,
+    ) -> None:
+        kind = "FINAL" if d is None else verdict
+        record = {
+            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+            "kind": kind, "verdict": verdict, "printer": printer, "job": job, "reason": reason,
+            "model": self._model_info(),
+            "policy": self.cfg.policy.version(), "threshold": self.model.threshold,
+        }  # fmt: skip
+        did = self.store.add_decision(job_id, kind, verdict, record, now)
+        trigger = verdict if kind != "FINAL" else f"FINAL_{verdict}"
+        if did is not None and trigger in self.cfg.actions.levels:
+            for name in self.actions.names():
+                self.store.add_action(did, name)
+
+    def _model_info(self) -> dict:
+        meta = self.model.meta
+        return {
+            "path": str(self.cfg.model),
+            "sha256": self.model_sha,
+            "name": meta.model_name,
+            "config_hash": meta.config_hash,
+        }
+
+    # --- ending jobs ----------------------------------------------------------------------------
+    def _finish_printer_jobs(self, printer: str, states: dict[int, JobState], now: float) -> None:
+        for job in self.store.open_jobs():
+            if job["printer"] == printer:
+                self._finalize(job, "next_job", states, now)
+
+    def _finalize(self, job, ended_by: str, states: dict[int, JobState], now: float) -> None:
+        """Write the job's final verdict and close it (inside a transaction)."""
+        obs = self.store.job_obs(job["id"])
+        state = states.pop(job["id"], None) or replay(obs, *self._policy())[0]
+        n_all = self.store.n_layers(job["id"])
+        reason = {
+            "ended_by": ended_by, "first_bad_layer": state.first_bad, "layers_scored": len(obs),
+            "layers_failed": n_all - len(obs),
+            "max_score": max((o.score for o in obs), default=None),
+            "layers": [o.layer for o in state.window if o.score >= self.model.threshold],
+        }  # fmt: skip
+        self._decide(job["id"], job["printer"], job["name"], state.level, None, reason, now)
+        self.store.close_job(job["id"], ended_by, now)
+        self._closing.append(job["id"])
+
+    def _closed(self, committed: bool) -> None:
+        """After a transaction: stop listing the folders of the jobs it ended."""
+        for job_id in self._closing if committed else []:
+            self.ended_dirs.update(self.store.job_dirs(job_id))
+        self._closing = []
+
+    def _end_jobs(self, markers: list[Arrival], now: float | None) -> None:
+        now = time.time() if now is None else now
+        idle = [j for j in self.store.open_jobs() if now - j["last_at"] >= self.cfg.idle_s]
+        if not markers and not idle:
+            return
+        states = dict(self.states)
+        committed = False
+        try:
+            with self.store.transaction():
+                for m in markers:
+                    job = self.store.job(m.printer, m.job)
+                    if job is not None and job["status"] == "open":
+                        self._finalize(job, "marker", states, now)
+                for job in idle:
+                    if self.store.job(job["printer"], job["name"])["status"] == "open":
+                        self._finalize(job, "idle", states, now)
+            committed = True
+        finally:
+            self._closed(committed)
+        self.states = states
+        self.known.update(m.rel for m in markers)
+
+    # --- after the commit: log, evidence, actions, health ---------------------------------------
+    def _flush_outbox(self) -> None:
+        done = []
+        try:
+            for row in self.store.unlogged():
+                record = json.loads(row["record"])
+                if self.rejects.append(record):
+                    log.warning("%s", journal.describe(record))
+                done.append(row["id"])
+        except OSError as exc:  # e.g. disk full: the record stays pending and is retried
+            self._error("reject-log", f"cannot write {self.rejects.path}: {exc}")
+        self.store.set_flags(done, "logged")
+        self._write_evidence()
+        self._run_actions()
+
+    def _write_evidence(self) -> None:
+        done = []
+        for row in self.store.without_evidence():
+            record = json.loads(row["record"])
+            layers = record["reason"].get("layers") or []
+            if self.cfg.review and record["kind"] != "FINAL" and layers:
+                rows = self.store.layer_rows(row["job_id"], layers)
+                pairs = [(self.inbox / r["rel"], decode_map(r)) for r in rows]
+                for problem in journal.save_evidence(self.state / "review", record, pairs):
+                    self._error("evidence", problem)
+            done.append(row["id"])
+        self.store.set_flags(done, "evidence")
+
+    def _run_actions(self) -> None:
+        for row in self.store.pending_actions():
+            self.actions.submit(row["id"], row["name"], json.loads(row["record"]))
+        self._drain_actions()
+
+    def _drain_actions(self) -> None:
+        for action_id, status, attempts, error in self.actions.results():
+            self.store.finish_action(action_id, status, attempts, error)
+            if error is not None:
+                self._error(
+                    "action", f"action {action_id} {status} after {attempts} tries: {error}"
+                )
+
+    def _error(self, source: str, message: str) -> None:
+        log.error("%s: %s", source, message)
+        self.store.record_error(source, message)
+
+    def _try_record(self, source: str, message: str) -> None:
+        with contextlib.suppress(sqlite3.Error):  # the database itself may be the problem
+            self.store.record_error(source, message)
+
+    def _note_scan_error(self) -> None:
+        err = self.scanner.last_error
+        if err is not None and err != self._health.get("scan_error"):
+            self._error("inbox", err)
+        self._health["scan_error"] = err
+
+    def _update_health(self, queue: int) -> None:
+        now = time.time()
+        if now - self._health.get("beat", 0) < 2 and (queue == 0) == (
+            self._health.get("queue") == 0
+        ):
+            return  # at most every 2 s (each write is a commit), or when the queue empties
+        self._health.update(queue=queue, beat=now)
+        self.store.set_meta(queue_depth=queue, waiting=len(self.scanner.waiting), heartbeat=now)
+
+    def _maybe_reload(self) -> None:
+        request = self.state / RELOAD_REQUEST
+        if not (self.reload_requested.is_set() or request.exists()):
+            return
+        self.reload_requested.clear()
+        request.unlink(missing_ok=True)
+        old = self.model_sha
+        try:
+            self._load_model()
+            log.info("model reloaded: %s -> %s", old[:12], self.model_sha[:12])
+        except (InspectError, OSError) as exc:
+            self._error("reload", f"model reload failed, still using {old[:12]}: {exc}")
+
+
+def attach_log_file(state: Path, max_bytes: int, backups: int) -> logging.Handler:
+    """Readable log ``STATE/watch.log``, rotated at ``max_bytes`` keeping ``backups`` files."""
+    state.mkdir(parents=True, exist_ok=True)
+    handler = RotatingFileHandler(state / LOG_NAME, maxBytes=max_bytes, backupCount=backups)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("inspect3d")
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+    return handler
+
+
+def watch(cfg: WatchConfig) -> dict:
+    """Run a watcher with ``cfg`` until stopped; returns the final status summary."""
+    from inspect3d.watch.status import summary
+
+    handler = attach_log_file(Path(cfg.state), cfg.log_max_bytes, cfg.log_backups)
+    try:
+        watcher = Watcher(cfg).start()
+        try:
+            watcher.run()
+        finally:
+            watcher.close()
+        return summary(Path(cfg.state))
+    finally:
+        logging.getLogger("inspect3d").removeHandler(handler)
+        handler.close()

@@ -1,0 +1,222 @@
+"""The watcher's state in SQLite (WAL): printers, jobs, layers, decisions, actions, health.
+
+Exactly-once: a batch of layers, the job changes and the decisions they cause are written in one
+``BEGIN IMMEDIATE`` transaction, and a file is known by its path relative to the inbox (UNIQUE).
+After a crash a file is either recorded with its score, or not at all and scored again. Things
+done outside the database afterwards (the reject log, evidence, actions) are driven by flags in
+the rows (an outbox), so they are redone, not lost, after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from inspect3d.watch.policy import LayerObs
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS printers (name TEXT PRIMARY KEY, current_job INTEGER);
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY, printer TEXT NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL,
+  level TEXT NOT NULL DEFAULT 'OK', opened_at REAL, last_at REAL, closed_at REAL,
+  end_reason TEXT, UNIQUE (printer, name));
+CREATE TABLE IF NOT EXISTS layers (
+  id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs(id), rel TEXT NOT NULL UNIQUE,
+  layer INTEGER, size INTEGER, mtime REAL, sha256 TEXT, status TEXT NOT NULL, score REAL,
+  label TEXT, probs TEXT, map_peak REAL, map_mean REAL, map BLOB, map_h INTEGER, map_w INTEGER,
+  model_sha TEXT, error TEXT, note TEXT, done_at REAL);
+CREATE TABLE IF NOT EXISTS decisions (
+  id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs(id), kind TEXT NOT NULL,
+  level TEXT NOT NULL, record TEXT NOT NULL, created_at REAL, logged INTEGER DEFAULT 0,
+  evidence INTEGER DEFAULT 0, UNIQUE (job_id, kind, level));
+CREATE TABLE IF NOT EXISTS actions (
+  id INTEGER PRIMARY KEY, decision_id INTEGER NOT NULL REFERENCES decisions(id),
+  name TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER DEFAULT 0,
+  error TEXT, done_at REAL, UNIQUE (decision_id, name));
+CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, at REAL, source TEXT, message TEXT);
+"""
+
+
+class Store:
+    """One connection to ``STATE/watch.db``; use from one thread."""
+
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self.db = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a committed decision survives power loss
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All-or-nothing block (``BEGIN IMMEDIATE``: one writer at a time)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- reads -------------------------------------------------------------------------------
+    def known_rels(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT rel FROM layers")}
+
+    def job(self, printer: str, name: str) -> sqlite3.Row | None:
+        sql = "SELECT * FROM jobs WHERE printer = ? AND name = ?"
+        return self.db.execute(sql, (printer, name)).fetchone()
+
+    def open_jobs(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM jobs WHERE status = 'open' ORDER BY id").fetchall()
+
+    def job_obs(self, job_id: int) -> list[LayerObs]:
+        """The job's scored layers in the order they were scored (what the policy saw)."""
+        sql = (
+            "SELECT layer, score, label FROM layers "
+            "WHERE job_id = ? AND status = 'scored' ORDER BY id"
+        )
+        return [LayerObs(r[0], r[1], r[2]) for r in self.db.execute(sql, (job_id,))]
+
+    def job_dirs(self, job_id: int | None) -> set[str]:
+        """Folders that hold only this ended job's files (all ended jobs when ``job_id`` is None):
+        those named after the job (a pattern may take the job from the file name instead)."""
+        sql = "SELECT l.rel, j.name FROM layers l JOIN jobs j ON j.id = l.job_id WHERE "
+        if job_id is None:
+            rows = self.db.execute(sql + "j.status = 'closed'")
+        else:
+            rows = self.db.execute(sql + "j.id = ?", (job_id,))
+        dirs = {(rel.rsplit("/", 1)[0], name) for rel, name in rows}
+        return {d for d, name in dirs if d.rsplit("/", 1)[-1] == name}
+
+    def n_layers(self, job_id: int) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM layers WHERE job_id = ?", (job_id,)
+        ).fetchone()[0]
+
+    def layer_rows(self, job_id: int, layers: list[int]) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(layers))
+        sql = f"SELECT * FROM layers WHERE job_id = ? AND status = 'scored' AND layer IN ({marks})"
+        return self.db.execute(sql, (job_id, *layers)).fetchall()
+
+    def unlogged(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM decisions WHERE logged = 0 ORDER BY id").fetchall()
+
+    def without_evidence(self) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM decisions WHERE evidence = 0 AND logged = 1 ORDER BY id"
+        return self.db.execute(sql).fetchall()
+
+    def meta(self) -> dict[str, str]:
+        return {k: v for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    # --- writes (inside ``transaction`` unless said) ------------------------------------------
+    def open_job(self, printer: str, name: str, now: float) -> int:
+        cur = self.db.execute(
+            "INSERT INTO jobs (printer, name, status, opened_at, last_at) "
+            "VALUES (?, ?, 'open', ?, ?)",
+            (printer, name, now, now),
+        )
+        self.db.execute(
+            "INSERT INTO printers (name, current_job) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET current_job = excluded.current_job",
+            (printer, cur.lastrowid),
+        )
+        return int(cur.lastrowid)
+
+    def close_job(self, job_id: int, reason: str, now: float) -> None:
+        sql = "UPDATE jobs SET status = 'closed', closed_at = ?, end_reason = ? WHERE id = ?"
+        self.db.execute(sql, (now, reason, job_id))
+
+    def touch_job(self, job_id: int, now: float, level: str) -> None:
+        self.db.execute("UPDATE jobs SET last_at = ?, level = ? WHERE id = ?", (now, level, job_id))
+
+    def insert_layer(self, job_id: int, layer: int, result, model_sha: str, now: float) -> None:
+        """Record a scored or failed layer (``result``: a scoring.LayerResult)."""
+        a, s = result.arrival, result.score
+        cols = dict(
+            job_id=job_id, rel=a.rel, layer=layer, size=a.size, mtime=a.mtime,
+            sha256=result.sha256, status=result.status, error=result.error, note=result.note,
+            model_sha=model_sha, done_at=now,
+        )  # fmt: skip
+        if s is not None:
+            m = s.defect_map.astype(np.float16)
+            cols.update(
+                score=s.defect_score, label=s.label, probs=json.dumps(s.probs),
+                map_peak=float(s.defect_map.max()), map_mean=float(s.defect_map.mean()),
+                map=m.tobytes(), map_h=m.shape[0], map_w=m.shape[1],
+            )  # fmt: skip
+        names = ", ".join(cols)
+        self.db.execute(
+            f"INSERT INTO layers ({names}) VALUES ({', '.join('?' * len(cols))})",
+            tuple(cols.values()),
+        )
+
+    def add_decision(
+        self, job_id: int, kind: str, level: str, record: dict, now: float
+    ) -> int | None:
+        """Insert a decision once (None if this job already has it); its id goes into the record."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO decisions (job_id, kind, level, record, created_at) "
+            "VALUES (?, ?, ?, '{}', ?)",
+            (job_id, kind, level, now),
+        )
+        if cur.rowcount == 0:
+            return None
+        did = int(cur.lastrowid)
+        record = {"decision_id": did, **record}
+        self.db.execute("UPDATE decisions SET record = ? WHERE id = ?", (json.dumps(record), did))
+        return did
+
+    def add_action(self, decision_id: int, name: str) -> None:
+        sql = "INSERT OR IGNORE INTO actions (decision_id, name) VALUES (?, ?)"
+        self.db.execute(sql, (decision_id, name))
+
+    # --- single statements (autocommit) -------------------------------------------------------
+    def set_flags(self, decision_ids: list[int], flag: str) -> None:
+        """Mark decisions as written to the log / given evidence (one commit for all)."""
+        if flag not in ("logged", "evidence"):
+            raise ValueError(flag)
+        if decision_ids:
+            marks = ",".join("?" * len(decision_ids))
+            self.db.execute(f"UPDATE decisions SET {flag} = 1 WHERE id IN ({marks})", decision_ids)
+
+    def set_meta(self, **values: object) -> None:
+        self.db.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v)) for k, v in values.items()],
+        )
+
+    def record_error(self, source: str, message: str) -> None:
+        sql = "INSERT INTO errors (at, source, message) VALUES (?, ?, ?)"
+        self.db.execute(sql, (time.time(), source, message))
+        self.set_meta(last_error=message, last_error_at=time.time())
+
+    def pending_actions(self) -> list[sqlite3.Row]:
+        sql = (
+            "SELECT a.id, a.name, a.attempts, d.record FROM actions a "
+            "JOIN decisions d ON d.id = a.decision_id WHERE a.status = 'pending' ORDER BY a.id"
+        )
+        return self.db.execute(sql).fetchall()
+
+    def finish_action(self, action_id: int, status: str, attempts: int, error: str | None) -> None:
+        sql = "UPDATE actions SET status = ?, attempts = ?, error = ?, done_at = ? WHERE id = ?"
+        self.db.execute(sql, (status, attempts, error, time.time(), action_id))
+
+
+def decode_map(row: sqlite3.Row) -> np.ndarray:
+    """The stored defect map of a layer row as float32 (h, w)."""
+    m = np.frombuffer(row["map"], dtype=np.float16).reshape(row["map_h"], row["map_w"])
+    return m.astype(np.float32)
