@@ -50,6 +50,7 @@ _N_VERTICES = 128  # vertices of a part outline (enough for straight rectangle e
 _ANGLES = np.linspace(0.0, 2 * np.pi, _N_VERTICES, endpoint=False)
 _PROFILES = ("prism", "cone", "sphere", "flare", "overhang")
 _MAX_PRINTERS = 26
+_FLEET_SEED = 0
 _Gen = np.random.Generator
 
 
@@ -250,7 +251,9 @@ def _job_defects(cfg: SynthConfig) -> list[str | None]:
 
 
 def _printer(cfg: SynthConfig, index: int) -> _Printer:
-    rng = _rng(cfg.seed, _PRINTER_STREAM, index)
+    # A printer is the same machine whatever the seed: sets made with other seeds are new jobs
+    # on the same fleet (a held-out set then tests new jobs, not an unseen camera set-up).
+    rng = _rng(_FLEET_SEED, _PRINTER_STREAM, index)
     angle = rng.uniform(0, 2 * np.pi)
     left, right = rng.uniform(0.02, 0.06), rng.uniform(0.03, 0.09)
     top, bottom = rng.uniform(0.0, 0.03), rng.uniform(0.02, 0.06)
