@@ -125,9 +125,11 @@ def test_missing_normal_class(synth_dir, tmp_path):
 
 
 def test_scoring_path_imports_no_torch():
+    """predict, watch, status, simulate run on onnxruntime + OpenCV + numpy alone."""
     code = (
         "import sys, inspect3d.infer, inspect3d.infer.cli, inspect3d.data.preprocess, "
-        "inspect3d.data.synth, inspect3d.metrics; "
+        "inspect3d.data.synth, inspect3d.metrics, inspect3d.watch, inspect3d.watch.cli, "
+        "inspect3d.watch.status, inspect3d.watch.simulate, inspect3d.watch.actions; "
         "bad = [m for m in ('torch', 'hydra', 'torchvision') if m in sys.modules]; "
         "assert not bad, bad"
     )
