@@ -135,6 +135,7 @@ def test_onnx_matches_torch_and_carries_metadata(exported, tiny_run, holdout_dir
     model = OnnxModel.load(exported)
     paths = sorted(p for p in holdout_dir.rglob("*.png") if "_masks" not in p.parts)[:5]
     scores = model.predict_batch(paths)
+    assert meta.defect_map_stride * scores[0].defect_map.shape[0] == meta.preprocess.height
     net = ScoringNet(model_from_checkpoint(ckpt)).eval()
     with torch.inference_mode():
         probs, maps = net(torch.from_numpy(np.stack([model.pre.load(p) for p in paths])))

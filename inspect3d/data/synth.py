@@ -250,7 +250,7 @@ def _job_defects(cfg: SynthConfig) -> list[str | None]:
     return defects
 
 
-def _printer(cfg: SynthConfig, index: int) -> _Printer:
+def _printer(index: int) -> _Printer:
     # A printer is the same machine whatever the seed: sets made with other seeds are new jobs
     # on the same fleet (a held-out set then tests new jobs, not an unseen camera set-up).
     rng = _rng(_FLEET_SEED, _PRINTER_STREAM, index)
@@ -278,7 +278,7 @@ def _printer(cfg: SynthConfig, index: int) -> _Printer:
 
 def _make_job(cfg: SynthConfig, job_index: int, rng: _Gen) -> _Job:
     size, n_layers = cfg.size, cfg.layers_per_job
-    printer = _printer(cfg, job_index % cfg.printers)
+    printer = _printer(job_index % cfg.printers)
     plate = _fill(size, [printer.corners * size])
     plate = cv2.GaussianBlur(plate, (0, 0), 1.0)
     box = _inner_box(printer.corners, size)

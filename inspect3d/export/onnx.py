@@ -36,9 +36,9 @@ def export_run(cfg: Any) -> list[Path]:
         raise InspectError(f"quantize={cfg.quantize!r} is not valid: use none or int8")
     ckpt = load_checkpoint(Path(cfg.run) / "checkpoint.pt")
     net = ScoringNet(model_from_checkpoint(ckpt)).eval()
-    meta = meta_from_checkpoint(ckpt)
     int8 = cfg.quantize == "int8"
     layers, labels = real_layers(ckpt, max(cfg.n_check, 64 if int8 else 0), "val")
+    meta = meta_from_checkpoint(ckpt, map_stride(net, layers[:1]))
     out = export_onnx(net, meta, Path(cfg.out), cfg.opset, layers[: cfg.n_check], cfg.tolerance)
     paths = [out]
     if int8:
@@ -49,7 +49,14 @@ def export_run(cfg: Any) -> list[Path]:
     return paths
 
 
-def meta_from_checkpoint(ckpt: dict) -> ModelMeta:
+def map_stride(net: ScoringNet, layer: np.ndarray) -> int:
+    """Input pixels per defect-map cell, read off the network's own output."""
+    with torch.inference_mode():
+        _, defect_map = net(torch.from_numpy(layer))
+    return layer.shape[-2] // defect_map.shape[-2]
+
+
+def meta_from_checkpoint(ckpt: dict, defect_map_stride: int) -> ModelMeta:
     metrics = ckpt.get("metrics") or {}
     return ModelMeta(
         classes=list(ckpt["classes"]),
@@ -61,7 +68,7 @@ def meta_from_checkpoint(ckpt: dict) -> ModelMeta:
         config_hash=ckpt.get("config_hash", ""),
         inspect3d_version=__version__,
         metrics={k: metrics[k] for k in METRIC_KEYS if k in metrics},
-        defect_map_stride=16 if ckpt["model"].get("name") == "smallcnn" else 32,
+        defect_map_stride=defect_map_stride,
     )
 
 

@@ -71,7 +71,7 @@ def _eval_items(cfg: Any, ckpt: dict) -> tuple[list[Item], list[str], str]:
         return (
             items,
             [data.groups[i] for i in data.val],
-            f"validation split of {data_cfg or trained.data}.root",
+            f"validation split of {(data_cfg or trained.data).root}",
         )
     items = load_items(data_cfg)
     if data_cfg.normal_class != ckpt["normal_class"]:
