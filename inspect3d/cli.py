@@ -1,9 +1,9 @@
 """The ``inspect3d`` command: one entry point, one sub-command per stage of the flow.
 
-synth, train, eval and export take Hydra overrides (``key=value``; train also ``-m`` sweeps);
-predict, fetch and status take ordinary options; watch and simulate take ``key=value``
-overrides of configs/watch.yaml and simulate.yaml, merged with OmegaConf (``model`` and
-``data`` are Hydra config groups here). Only train/eval/export import torch.
+synth, train, fit-normal, eval and export take Hydra overrides (``key=value``; train also
+``-m`` sweeps); predict, fetch and status take ordinary options; watch, simulate, report,
+review and dataset take ``key=value`` overrides merged with OmegaConf (``model`` and ``data``
+are Hydra config groups here). Only train/fit-normal/eval/export import torch.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ commands (the flow: synth/fetch -> train -> eval -> export -> predict):
   synth    out=DIR seed=S [n_jobs=N ...]        write synthetic powder-bed jobs
   fetch    NAME [--dest DIR]                    download a public data set (pblm, snu_fdm)
   train    [data=folder data.root=DIR data.normal_class=NAME ...]   train (Hydra overrides, -m)
+  fit-normal data=folder data.root=DIR data.normal_class=NAME   model from good layers only
   eval     run=RUN [data=... ]                  evaluate a run; writes RUN/eval.json
   export   run=RUN [quantize=int8]              write RUN/model.onnx and check it against torch
   predict  MODEL.onnx PATH... [--jsonl]         score layer images with onnxruntime
   simulate data=DIR inbox=INBOX printers=N rate=R   replay jobs into an inbox like printers do
   watch    model=MODEL.onnx inbox=INBOX state=STATE  score layers as they land, decide per job
   status   state=STATE [--json] [--jobs]        the watcher's printers, jobs and health
+  report   state=STATE out=DIR                  HTML shop summary + one page per job
+  review   state=STATE [port=P]                 local review page for QA (127.0.0.1)
+  dataset  from-reviews state=STATE out=FILE.csv   reviewed layers as a training manifest
 
 Run `inspect3d COMMAND --help` for the options of one command.
 """
@@ -56,6 +60,16 @@ def train_task(cfg) -> float:
     return float(metrics["macro_f1"])  # the value a Hydra sweeper optimises
 
 
+def fit_normal_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from inspect3d.normal.fit import fit_normal
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    summary, path = fit_normal(cfg, out_dir)
+    print(f"checkpoint: {path}\n{summary}")
+
+
 def eval_task(cfg) -> None:
     from inspect3d.train.evaluate import evaluate_run
 
@@ -76,6 +90,7 @@ def export_task(cfg) -> None:
 HYDRA_TASKS: dict[str, Callable] = {
     "synth": synth_task,
     "train": train_task,
+    "fit-normal": fit_normal_task,
     "eval": eval_task,
     "export": export_task,
 }
@@ -90,7 +105,9 @@ def run_hydra(command: str, args: list[str]) -> int:
     task = HYDRA_TASKS[command]
     result: dict[str, int] = {"rc": 0}
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")
+    name = command.replace("-", "_")  # fit-normal -> configs/fit_normal.yaml
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")
     def entry(cfg):
         try:
             return task(cfg)
@@ -128,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             from inspect3d.watch.status import main as status_main
 
             return status_main(args)
+        if command in ("report", "review", "dataset"):  # key=value (see review/cli.py)
+            from inspect3d.review import cli as review_cli
+
+            return review_cli.main(command, args)
         if command == "fetch":
             from inspect3d.data.fetch import main as fetch_main
 
