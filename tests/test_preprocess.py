@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 
-from inspect3d.data.preprocess import Preprocess, read_image
+from inspect3d.data.preprocess import Preprocess, decode_image, image_size, jpeg_header, read_image
 from inspect3d.errors import InspectError
 
 
@@ -89,3 +91,48 @@ def test_read_image_rejects_a_text_file(tmp_path):
 def test_metadata_round_trip():
     pre = Preprocess(height=100, width=120, channels=3, norm="fixed", mean=0.4, std=0.2)
     assert Preprocess.from_dict(pre.to_dict()) == pre
+
+
+def powder(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A textured grey layer: JPEG-compressible like a powder bed, with a bright streak."""
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.normal(120, 25, (h, w)).clip(0, 255).astype(np.uint8), (5, 5), 0)
+    image[:, w // 3 : w // 3 + max(2, w // 100)] = 230
+    return image
+
+
+def test_large_jpeg_is_decoded_reduced_and_matches_the_full_decode(tmp_path):
+    data = np.fromfile(write(tmp_path / "big.jpg", powder(1024, 1024)), np.uint8)
+    reduced, _ = decode_image(data, 1, "big.jpg", target=(128, 128))
+    assert reduced.shape == (128, 128)  # 1/8 scale: 8x8 fewer pixels to decode
+    pre = Preprocess(height=128, width=128)
+    full = pre(decode_image(data, 1, "big.jpg")[0])
+    diff = np.abs(pre(reduced).astype(int) - full)
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
+
+
+def test_reduced_decode_never_goes_below_the_model_size(tmp_path):
+    data = np.fromfile(write(tmp_path / "a.jpg", powder(300, 1000)), np.uint8)
+    image, _ = decode_image(data, 1, "a.jpg", target=(128, 128))
+    assert image.shape == (150, 500)  # 1/2: a 1/4 decode would be 75 rows, under 128
+    image, _ = decode_image(data, 1, "a.jpg", target=(160, 128))
+    assert image.shape == (300, 1000)  # no reduction keeps >= 160 rows
+
+
+def test_reduced_decode_keeps_colour_conversions_and_skips_png(tmp_path):
+    colour = np.dstack([powder(512, 512, s) for s in range(3)])
+    data = np.fromfile(write(tmp_path / "c.jpg", colour), np.uint8)
+    grey, _ = decode_image(data, 1, "c.jpg", target=(64, 64))
+    rgb, _ = decode_image(data, 3, "c.jpg", target=(64, 64))
+    assert grey.shape == (64, 64) and rgb.shape == (64, 64, 3)
+    png = np.fromfile(write(tmp_path / "p.png", powder(512, 512)), np.uint8)
+    assert decode_image(png, 1, "p.png", target=(64, 64))[0].shape == (512, 512)
+
+
+def test_header_sizes_without_decoding(tmp_path):
+    jpg = Path(write(tmp_path / "a.jpg", np.dstack([powder(120, 200)] * 3))).read_bytes()
+    png = Path(write(tmp_path / "a.png", powder(30, 40))).read_bytes()
+    assert jpeg_header(jpg) == ((200, 120), 3)
+    assert image_size(png) == (40, 30)
+    assert jpeg_header(jpg[:10]) is None  # truncated header: unknown
+    assert image_size(b"not an image") is None

@@ -11,6 +11,7 @@ use other ones.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
-            raise InspectError(f"channels={self.channels!r} is not valid: use 1 (grey) or 3 (colour)")
+            raise InspectError(
+                f"channels={self.channels!r} is not valid: use 1 (grey) or 3 (colour)"
+            )
         if self.norm not in NORM_MODES:
             raise InspectError(f"norm={self.norm!r} is not valid: use one of {NORM_MODES}")
         if min(self.height, self.width) < 32:
@@ -53,9 +56,14 @@ class Preprocess:
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        return self.height, self.width
+
     def load(self, path: str | Path) -> np.ndarray:
         """Read a layer image file and return model input: uint8 array (C, H, W)."""
-        return self(read_image(path, self.channels))
+        return self(read_image(path, self.channels, self.size))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Decoded image (H, W) or (H, W, C), uint8 (RGB for colour) -> uint8 (C, H, W)."""
@@ -66,28 +74,38 @@ class Preprocess:
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-def read_image(path: str | Path, channels: int) -> np.ndarray:
+def read_image(
+    path: str | Path, channels: int, target: tuple[int, int] | None = None
+) -> np.ndarray:
     """Decode an image file as grey (H, W) or RGB (H, W, 3) uint8; clear errors for bad files.
 
     Reads through ``np.fromfile`` so paths with spaces or non-ASCII characters work everywhere.
+    ``target`` (height, width): the size the image will be resized to (see ``decode_image``).
     """
     path = Path(path)
     if not path.is_file():
         raise InspectError(f"layer image not found: {str(path)!r}")
-    image, _ = decode_image(np.fromfile(str(path), dtype=np.uint8), channels, repr(str(path)))
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image, _ = decode_image(data, channels, repr(str(path)), target)
     return image
 
 
 def decode_image(
-    data: bytes | np.ndarray, channels: int, source: str = "image"
+    data: bytes | np.ndarray,
+    channels: int,
+    source: str = "image",
+    target: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Encoded bytes -> grey (H, W) or RGB (H, W, 3) uint8, and notes on what was converted.
 
     Any depth (16-bit is scaled to 8) and any colour layout are accepted; EXIF orientation is
-    applied. ``source`` names the input in the error for undecodable data.
+    applied. ``source`` names the input in the error for undecodable data. With ``target``
+    (height, width), a JPEG at least twice as large in both directions is decoded at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT scaling): up to ~10x less decode work, and never smaller than
+    ``target``, so the final resize still shrinks (training and scoring both read files here).
     """
     buf = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
-    image = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
+    image = _decode(buf, jpeg_reduction(buf, target)) if buf.size else None
     if image is None:
         raise InspectError(
             f"cannot decode {source} ({buf.size} bytes): not a readable image; "
@@ -99,6 +117,61 @@ def decode_image(
     if (image.ndim == 3) != (channels == 3):
         notes.append("colour converted to grey" if channels == 1 else "grey converted to colour")
     return _to_channels(_to_uint8(image), channels), notes
+
+
+REDUCED_FLAGS = {  # factor -> (grey flag, colour flag)
+    2: (cv2.IMREAD_REDUCED_GRAYSCALE_2, cv2.IMREAD_REDUCED_COLOR_2),
+    4: (cv2.IMREAD_REDUCED_GRAYSCALE_4, cv2.IMREAD_REDUCED_COLOR_4),
+    8: (cv2.IMREAD_REDUCED_GRAYSCALE_8, cv2.IMREAD_REDUCED_COLOR_8),
+}
+
+
+def jpeg_reduction(buf: np.ndarray, target: tuple[int, int] | None) -> tuple[int, int]:
+    """(factor, colour components) for a reduced JPEG decode; factor 1 = decode in full."""
+    header = jpeg_header(buf[:65536].tobytes()) if target is not None else None
+    if header is None:
+        return 1, 0
+    (w, h), components = header
+    factor = 1
+    for f in (2, 4, 8):
+        if -(-h // f) >= target[0] and -(-w // f) >= target[1]:
+            factor = f
+    return factor, components
+
+
+def _decode(buf: np.ndarray, reduction: tuple[int, int]) -> np.ndarray | None:
+    factor, components = reduction
+    if factor == 1:
+        return cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    grey, colour = REDUCED_FLAGS[factor]
+    return cv2.imdecode(buf, grey if components == 1 else colour)
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header without decoding; None if unknown."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    header = jpeg_header(data)
+    return None if header is None else header[0]
+
+
+def jpeg_header(data: bytes) -> tuple[tuple[int, int], int] | None:
+    """((width, height), colour components) from a JPEG's frame header; None if not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return (w, h), data[i + 9]
+        i += 2 + length
+    return None
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

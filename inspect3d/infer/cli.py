@@ -65,24 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     model = OnnxModel.load(args.model, provider=args.provider, threshold=args.threshold)
     paths = expand_paths(args.paths)
     failures = 0
-    for start in range(0, len(paths), max(1, args.batch_size)):
-        failures += score_chunk(model, paths[start : start + args.batch_size], args)
+    for path, result in model.predict_files(paths, args.batch_size):
+        if isinstance(result, InspectError):
+            failures += _report_error(path, str(result), args)
+        else:
+            _emit(result, args)
     if failures:
         print(f"{failures} of {len(paths)} layer(s) could not be scored", file=sys.stderr)
     return 1 if failures else 0
-
-
-def score_chunk(model: OnnxModel, paths: list[Path], args: argparse.Namespace) -> int:
-    """Score a chunk in one batch; on a bad file, score one by one so the others still count."""
-    try:
-        scores = model.predict_batch(paths)
-    except InspectError as exc:
-        if len(paths) == 1:
-            return _report_error(paths[0], str(exc), args)
-        return sum(score_chunk(model, [p], args) for p in paths)
-    for score in scores:
-        _emit(score, args)
-    return 0
 
 
 def _emit(score: LayerScore, args: argparse.Namespace) -> None:

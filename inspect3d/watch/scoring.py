@@ -9,14 +9,13 @@ the model's preprocessing converts arrays, and that is noted on the layer.
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from inspect3d.data.layout import IMAGE_EXTENSIONS
-from inspect3d.data.preprocess import decode_image
+from inspect3d.data.preprocess import decode_image, image_size
 from inspect3d.errors import InspectError
 from inspect3d.infer.model import LayerScore, OnnxModel
 from inspect3d.watch.inbox import Arrival, inside, odd_name
@@ -38,31 +37,6 @@ def read_bytes(path: Path) -> bytes:
     """The file's bytes (one place, so that tests can inject unreadability when run as root)."""
     with open(path, "rb") as f:
         return f.read()
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG or BMP header without decoding; None if unknown."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data[:2] == b"BM" and len(data) >= 26:
-        w, h = struct.unpack("<ii", data[18:26])
-        return abs(w), abs(h)
-    if data[:2] == b"\xff\xd8":
-        return _jpeg_size(data)
-    return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return None
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return w, h
-        i += 2 + length
-    return None
 
 
 def check_file(a: Arrival, inbox: Path, max_pixels: int) -> tuple[str | None, bytes | None]:
@@ -89,10 +63,12 @@ def check_file(a: Arrival, inbox: Path, max_pixels: int) -> tuple[str | None, by
     return None, data
 
 
-def decode(data: bytes, channels: int, rel: str) -> tuple[np.ndarray | None, str | None]:
+def decode(
+    data: bytes, channels: int, rel: str, target: tuple[int, int] | None = None
+) -> tuple[np.ndarray | None, str | None]:
     """(image as the preprocessing expects it, note on conversions) or (None, error)."""
     try:
-        image, notes = decode_image(data, channels, repr(rel))
+        image, notes = decode_image(data, channels, repr(rel), target)
     except InspectError as exc:
         return None, str(exc)
     return image, "; ".join(notes) or None
@@ -128,7 +104,8 @@ def _prepare(
         return LayerResult(a, "retry"), None  # changed after it looked stable
     if error is not None:
         return LayerResult(a, "failed", sha, error=error), None
-    image, note = decode(data, model.meta.preprocess.channels, a.rel)
+    pre = model.meta.preprocess
+    image, note = decode(data, pre.channels, a.rel, pre.size)
     if image is None:
         return LayerResult(a, "failed", sha, error=note), None
     if image.shape[0] * image.shape[1] > max_pixels:

@@ -116,8 +116,8 @@ class Watcher:
 
     def _load_model(self) -> None:
         """(Re)load the model; the file's hash names the model on every layer it scores."""
-        model = OnnxModel.load(
-            self.cfg.model, self.cfg.provider, self.cfg.policy.threshold, self.cfg.threads
+        model = OnnxModel.load(  # no spinning: an idle watcher leaves the cores alone
+            self.cfg.model, self.cfg.provider, self.cfg.policy.threshold, self.cfg.threads, False
         )
         sha = file_sha256(self.cfg.model)  # after load: a missing file gets the clear error above
         self.model, self.model_sha = model, sha

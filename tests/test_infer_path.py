@@ -1,0 +1,54 @@
+"""The fast scoring path: session options, I/O binding, decode overlapped with inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from inspect3d.errors import InspectError
+from inspect3d.infer.model import OnnxModel, session_options
+from inspect3d.infer.providers import TENSORRT_OPTIONS, resolve_providers
+
+
+def test_session_options_are_set_deliberately():
+    opts = session_options(threads=3, spinning=False)
+    assert opts.intra_op_num_threads == 3 and opts.inter_op_num_threads == 1
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert opts.enable_cpu_mem_arena and opts.enable_mem_pattern
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_cpu_only_onnxruntime_gets_the_cpu_provider_and_no_binding(exported):
+    if set(ort.get_available_providers()) == {"CPUExecutionProvider"}:
+        assert resolve_providers("auto") == ["CPUExecutionProvider"]
+    assert TENSORRT_OPTIONS["trt_fp16_enable"]
+    model = OnnxModel.load(exported, provider="cpu")
+    assert model.io_binding is False
+
+
+def test_io_binding_gives_the_same_outputs(exported, synth_dir):
+    model = OnnxModel.load(exported, provider="cpu")
+    paths = sorted(synth_dir.rglob("*.png"))[:3]
+    batch = np.stack([model.pre.load(p) for p in paths])
+    plain = model.run(batch)
+    model.io_binding = True  # the path a GPU session takes, run here on the CPU provider
+    bound = model.run(batch)
+    for a, b in zip(plain, bound, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_predict_files_keeps_order_reports_bad_files_and_matches_batches(exported, synth_dir):
+    model = OnnxModel.load(exported, provider="cpu")
+    paths = sorted(synth_dir.rglob("*.png"))[:7]
+    bad = synth_dir.parent / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    files = [*paths[:3], bad, *paths[3:]]
+    out = list(model.predict_files(files, batch_size=3, workers=2))
+    assert [p for p, _ in out] == files
+    assert isinstance(out[3][1], InspectError) and "broken.png" in str(out[3][1])
+    direct = model.predict_batch(paths)
+    scores = [r for _, r in out if not isinstance(r, InspectError)]
+    for got, want in zip(scores, direct, strict=True):
+        assert got.label == want.label and got.path == want.path
+        assert abs(got.defect_score - want.defect_score) < 1e-6
