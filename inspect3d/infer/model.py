@@ -129,8 +129,16 @@ class OnnxModel:
 
     def predict_batch(self, layers: list[np.ndarray | str | Path]) -> list[LayerScore]:
         batch = np.stack([self._prepare(x) for x in layers])
+        return self.score_inputs(
+            batch, [str(x) if isinstance(x, str | Path) else None for x in layers]
+        )
+
+    def score_inputs(
+        self, batch: np.ndarray, paths: list[str | None] | None = None
+    ) -> list[LayerScore]:
+        """Scores for model inputs already preprocessed (uint8 (N, C, H, W), see ``pre``)."""
         probs, maps = self.run(batch)
-        paths = [str(x) if isinstance(x, str | Path) else None for x in layers]
+        paths = paths or [None] * len(batch)
         return [self._score(p, m[0], path) for p, m, path in zip(probs, maps, paths, strict=True)]
 
     def predict_files(
@@ -163,9 +171,8 @@ class OnnxModel:
             except InspectError as exc:
                 out[path] = exc
         if good:
-            probs, maps = self.run(np.stack([x for _, x in good]))
-            for (path, _), p, m in zip(good, probs, maps, strict=True):
-                out[path] = self._score(p, m[0], str(path))
+            scores = self.score_inputs(np.stack([x for _, x in good]), [str(p) for p, _ in good])
+            out.update({path: score for (path, _), score in zip(good, scores, strict=True)})
         for path, _ in decoded:
             yield path, out[path]
 

@@ -9,6 +9,8 @@ the model's preprocessing converts arrays, and that is noted on the layer.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from inspect3d.data.preprocess import decode_image, image_size
 from inspect3d.errors import InspectError
 from inspect3d.infer.model import LayerScore, OnnxModel
 from inspect3d.watch.inbox import Arrival, inside, odd_name
+
+DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -77,18 +81,23 @@ def decode(
 def score_batch(
     model: OnnxModel, arrivals: list[Arrival], inbox: Path, max_pixels: int
 ) -> list[LayerResult]:
-    """Check, decode and score ``arrivals`` (one onnxruntime call for all good ones)."""
+    """Check, decode and score ``arrivals`` (one onnxruntime call for all good ones).
+
+    Files are read, hashed and decoded on a few threads at once (OpenCV and hashlib release
+    the GIL), so layers landing together from many printers use all cores before inference.
+    """
     results, images = [], []
-    for a in arrivals:
-        result, image = _prepare(model, a, inbox, max_pixels)
+    with ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(arrivals)))) as pool:
+        prepared = list(pool.map(lambda a: _prepare(model, a, inbox, max_pixels), arrivals))
+    for result, image in prepared:
         results.append(result)
         if image is not None:
             images.append((result, image))
     if images:
         try:
-            scores = model.predict_batch([img for _, img in images])
-        except Exception:  # one bad image must not sink the batch: score them one by one
-            scores = [_predict_one(model, r, img) for r, img in images]
+            scores = model.score_inputs(np.stack([x for _, x in images]))
+        except Exception:  # one bad input must not sink the batch: score them one by one
+            scores = [_predict_one(model, r, x) for r, x in images]
         for (result, _), score in zip(images, scores, strict=True):
             if score is not None:
                 result.status, result.score, result.error = "scored", score, None
@@ -113,12 +122,12 @@ def _prepare(
             f"{a.rel!r} is {image.shape[1]}x{image.shape[0]} pixels, above max_pixels={max_pixels}"
         )
         return LayerResult(a, "failed", sha, error=msg), None
-    return LayerResult(a, "failed", sha, error="not scored", note=note), image
+    return LayerResult(a, "failed", sha, error="not scored", note=note), pre(image)
 
 
-def _predict_one(model: OnnxModel, result: LayerResult, image: np.ndarray) -> LayerScore | None:
+def _predict_one(model: OnnxModel, result: LayerResult, x: np.ndarray) -> LayerScore | None:
     try:
-        return model.predict(image)
+        return model.score_inputs(x[None])[0]
     except Exception as exc:  # recorded on the layer; the watcher goes on
         result.error = f"{result.arrival.rel!r}: the model cannot score it: {exc}"
         return None
