@@ -23,8 +23,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/latency.py
+bench: $(STAMP)  # speed benchmarks (benchmarks/speed/), each rewrites its section of docs/speed.md
+	$(BIN)/python benchmarks/speed/infer_latency.py
+	$(BIN)/python benchmarks/speed/int8.py
+	$(BIN)/python benchmarks/speed/train_throughput.py
 
 clean:
 	rm -rf outputs .pytest_cache

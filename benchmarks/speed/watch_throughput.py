@@ -8,7 +8,7 @@ For 1, 10 and 50 simulated printers, in one run:
   (its mtime) to recorded decision, p50/p95. ``settle_s`` (how long a file must be unchanged)
   is part of it by design.
 
-    python benchmarks/watch_throughput.py --model RUN/model.onnx [--layers 200] [--settle 0.2]
+    python benchmarks/speed/watch_throughput.py --model RUN/model.onnx [--layers 200] [--settle 0.2]
 """
 
 from __future__ import annotations
