@@ -32,21 +32,42 @@ class LayerData:
 
 def preprocess_of(data: Any) -> Preprocess:
     return Preprocess(
-        height=data.height, width=data.width, channels=data.channels, norm=data.norm,
-        mean=data.mean, std=data.std,
+        height=data.height,
+        width=data.width,
+        channels=data.channels,
+        norm=data.norm,
+        mean=data.mean,
+        std=data.std,
     )
 
 
 def load_items(data: Any, root: str | None = None) -> list[Item]:
     """Items of the data set described by ``data`` (root overridable, e.g. for val_root)."""
+    if data.kind == "manifest":
+        return read_manifest(manifest_path(data, root))
     root = Path(root or data.root).expanduser()
     if data.kind == "folder":
         return scan_folder(root)
-    if data.kind == "manifest":
-        return read_manifest(data.manifest or root / "manifest.csv")
     if data.kind == "synth":
         return _synth_items(data, root)
     raise InspectError(f"data.kind={data.kind!r} is not valid: use one of {DATA_KINDS}")
+
+
+def manifest_path(data: Any, root: str | None = None) -> Path:
+    """The CSV of ``data=manifest``: ``data.manifest``, else ``ROOT/manifest.csv``.
+
+    ``root`` (e.g. ``data.val_root``) may name a CSV or a folder holding ``manifest.csv``.
+    """
+    if root:
+        path = Path(root).expanduser()
+        return path if path.suffix.lower() == ".csv" else path / "manifest.csv"
+    if data.manifest:
+        return Path(data.manifest).expanduser()
+    if data.root:
+        return Path(data.root).expanduser() / "manifest.csv"
+    raise InspectError(
+        "data=manifest needs data.manifest=FILE.csv (or data.root=DIR holding manifest.csv)"
+    )
 
 
 def _synth_items(data: Any, root: Path) -> list[Item]:

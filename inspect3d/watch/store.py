@@ -41,6 +41,16 @@ CREATE TABLE IF NOT EXISTS actions (
   name TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER DEFAULT 0,
   error TEXT, done_at REAL, UNIQUE (decision_id, name));
 CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, at REAL, source TEXT, message TEXT);
+CREATE TABLE IF NOT EXISTS reviews (
+  id INTEGER PRIMARY KEY, layer_id INTEGER NOT NULL REFERENCES layers(id),
+  job_id INTEGER NOT NULL REFERENCES jobs(id), decision TEXT NOT NULL, reason TEXT NOT NULL,
+  note TEXT NOT NULL DEFAULT '', reviewer TEXT NOT NULL, at REAL NOT NULL,
+  supersedes INTEGER REFERENCES reviews(id));
+CREATE INDEX IF NOT EXISTS reviews_by_layer ON reviews (layer_id, id);
+CREATE TRIGGER IF NOT EXISTS reviews_no_update BEFORE UPDATE ON reviews
+  BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END;
+CREATE TRIGGER IF NOT EXISTS reviews_no_delete BEFORE DELETE ON reviews
+  BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END;
 """
 
 
@@ -210,6 +220,41 @@ class Store:
             "JOIN decisions d ON d.id = a.decision_id WHERE a.status = 'pending' ORDER BY a.id"
         )
         return self.db.execute(sql).fetchall()
+
+    # --- QA reviews (append-only; the latest review of a layer is its current decision) -------
+    def add_review(
+        self, layer_id: int, decision: str, reason: str, note: str, reviewer: str, now: float
+    ) -> int:
+        """Append a review of a layer; it supersedes the layer's previous one (kept as history).
+
+        Values are checked by ``inspect3d.review.decisions``; here only the layer must exist.
+        """
+        with self.transaction():
+            row = self.db.execute("SELECT job_id FROM layers WHERE id = ?", (layer_id,)).fetchone()
+            if row is None:
+                raise KeyError(layer_id)
+            prev = self.db.execute(
+                "SELECT MAX(id) FROM reviews WHERE layer_id = ?", (layer_id,)
+            ).fetchone()[0]
+            cur = self.db.execute(
+                "INSERT INTO reviews (layer_id, job_id, decision, reason, note, reviewer, at, "
+                "supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (layer_id, row[0], decision, reason, note, reviewer, now, prev),
+            )
+        return int(cur.lastrowid)
+
+    def current_reviews(self) -> dict[int, sqlite3.Row]:
+        """The latest review of every reviewed layer, by layer id."""
+        sql = (
+            "SELECT r.* FROM reviews r WHERE r.id = "
+            "(SELECT MAX(id) FROM reviews WHERE layer_id = r.layer_id)"
+        )
+        return {r["layer_id"]: r for r in self.db.execute(sql)}
+
+    def review_history(self, layer_id: int) -> list[sqlite3.Row]:
+        """Every review of a layer, newest first."""
+        sql = "SELECT * FROM reviews WHERE layer_id = ? ORDER BY id DESC"
+        return self.db.execute(sql, (layer_id,)).fetchall()
 
     def finish_action(self, action_id: int, status: str, attempts: int, error: str | None) -> None:
         sql = "UPDATE actions SET status = ?, attempts = ?, error = ?, done_at = ? WHERE id = ?"

@@ -1,0 +1,190 @@
+"""The watcher's store read for QA: jobs with their verdicts, layers, flags and reviews.
+
+One read of ``STATE/watch.db`` gives plain objects that the report, the review page and the
+label export share, so all three agree on what counts as flagged, open or caught.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inspect3d.errors import InspectError
+from inspect3d.review.decisions import is_open
+from inspect3d.watch.journal import _safe as evidence_name
+from inspect3d.watch.store import Store, decode_map
+
+DB_NAME = "watch.db"
+
+
+@dataclass
+class Layer:
+    """One layer of a job as the watcher recorded it, with where its image is now."""
+
+    id: int
+    layer: int
+    rel: str
+    status: str
+    score: float | None
+    label: str | None
+    probs: dict[str, float]
+    defect_map: np.ndarray | None
+    at: float | None  # when the layer arrived (file mtime), else when it was scored
+    error: str | None
+    image: Path | None  # None: the file has been moved or deleted since
+    review: dict | None = None
+    flagged: bool = False
+
+
+@dataclass
+class Job:
+    """A print job: verdict, reason, the decisions on the way and its layers in layer order."""
+
+    id: int
+    printer: str
+    name: str
+    status: str
+    verdict: str
+    final: bool
+    ended_by: str | None
+    records: dict[str, dict]  # decision kind (WARN, REJECT, FINAL) -> record
+    decided_at: dict[str, float]
+    threshold: float
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def caught(self) -> dict:
+        """The reason of the escalation that flagged the job (REJECT, else WARN), or {}."""
+        return (self.records.get("REJECT") or self.records.get("WARN") or {}).get("reason", {})
+
+    @property
+    def flagged(self) -> list[Layer]:
+        return [x for x in self.layers if x.flagged]
+
+    @property
+    def open_reviews(self) -> int:
+        return sum(is_open(x.review) for x in self.flagged)
+
+    @property
+    def model(self) -> dict:
+        return next((r.get("model") for r in self.records.values() if r.get("model")), {})
+
+    @property
+    def policy(self) -> str | None:
+        return next((r.get("policy") for r in self.records.values() if r.get("policy")), None)
+
+    def time_to_detect(self) -> tuple[int | None, float | None]:
+        """Layers and minutes from the first bad layer's arrival to the REJECT decision."""
+        reject = self.records.get("REJECT")
+        if reject is None:
+            return None, None
+        first, at = reject["reason"].get("first_bad_layer"), reject["reason"].get("at_layer")
+        if first is None or at is None:
+            return None, None
+        onset = next((x.at for x in self.layers if x.layer == first), None)
+        minutes = None if onset is None else max(0.0, self.decided_at["REJECT"] - onset) / 60
+        return at - first, minutes
+
+    def previous_good(self, layer: Layer) -> Layer | None:
+        """The last scored layer below the threshold before ``layer``: what 'normal' looked like."""
+        good = [
+            x for x in self.layers
+            if x.layer < layer.layer and x.status == "scored" and x.score < self.threshold
+        ]  # fmt: skip
+        return good[-1] if good else None
+
+
+@dataclass
+class Shop:
+    """All jobs of one watcher's state folder."""
+
+    state: Path
+    meta: dict
+    jobs: list[Job]
+
+    def job(self, job_id: int) -> Job | None:
+        return next((j for j in self.jobs if j.id == job_id), None)
+
+    def printers(self) -> dict[str, list[Job]]:
+        out: dict[str, list[Job]] = {}
+        for j in self.jobs:
+            out.setdefault(j.printer, []).append(j)
+        return dict(sorted(out.items()))
+
+    def normal_class(self) -> str | None:
+        """The model's normal class, read off any scored layer: score = 1 - P(normal)."""
+        for j in self.jobs:
+            for x in j.layers:
+                if x.score is not None and x.probs:
+                    c, _ = min(x.probs.items(), key=lambda kv: abs(kv[1] - (1 - x.score)))
+                    return c
+        return None
+
+
+def open_store(state: str | Path) -> Store:
+    """The store of a watcher state folder (it must exist: we never create an empty one)."""
+    db = Path(state).expanduser() / DB_NAME
+    if not db.is_file():
+        raise InspectError(
+            f"no watcher state in {str(state)!r}: {db} does not exist "
+            "(give the state= folder of `inspect3d watch`)"
+        )
+    return Store(db)
+
+
+def load(store: Store) -> Shop:
+    """Every job with its layers, decisions and current reviews."""
+    state = store.path.parent
+    meta = {k: json.loads(v) for k, v in store.meta().items()}
+    inbox = Path(meta["inbox"]) if meta.get("inbox") else None
+    reviews = {k: dict(v) for k, v in store.current_reviews().items()}
+    jobs = [_job(store.db, row, meta) for row in store.db.execute("SELECT * FROM jobs ORDER BY id")]
+    for job in jobs:
+        rows = store.db.execute(
+            "SELECT * FROM layers WHERE job_id = ? ORDER BY layer, id", (job.id,)
+        ).fetchall()
+        job.layers = [_layer(r, job, state, inbox, reviews.get(r["id"])) for r in rows]
+    return Shop(state, meta, jobs)
+
+
+def _job(db: sqlite3.Connection, row: sqlite3.Row, meta: dict) -> Job:
+    rows = db.execute(
+        "SELECT kind, record, created_at FROM decisions WHERE job_id = ? ORDER BY id", (row["id"],)
+    ).fetchall()
+    records = {r["kind"]: json.loads(r["record"]) for r in rows}
+    final = records.get("FINAL")
+    threshold = next((r["threshold"] for r in records.values() if "threshold" in r), None)
+    return Job(
+        id=row["id"], printer=row["printer"], name=row["name"], status=row["status"],
+        verdict=final["verdict"] if final else row["level"], final=final is not None,
+        ended_by=row["end_reason"], records=records,
+        decided_at={r["kind"]: r["created_at"] for r in rows},
+        threshold=float(threshold if threshold is not None else meta.get("threshold", 0.5)),
+    )  # fmt: skip
+
+
+def _layer(row: sqlite3.Row, job: Job, state: Path, inbox: Path | None, review) -> Layer:
+    scored = row["status"] == "scored"
+    return Layer(
+        id=row["id"], layer=row["layer"], rel=row["rel"], status=row["status"],
+        score=row["score"], label=row["label"],
+        probs=json.loads(row["probs"]) if row["probs"] else {},
+        defect_map=decode_map(row) if scored and row["map"] is not None else None,
+        at=row["mtime"] or row["done_at"], error=row["error"],
+        image=find_image(state, inbox, job, row["rel"]), review=review,
+        flagged=scored and row["score"] >= job.threshold,
+    )  # fmt: skip
+
+
+def find_image(state: Path, inbox: Path | None, job: Job, rel: str) -> Path | None:
+    """The layer image in the inbox, else the watcher's evidence copy, else None (gone)."""
+    name = rel.rsplit("/", 1)[-1]
+    candidates = [inbox / rel] if inbox is not None else []
+    candidates.append(
+        state / "review" / evidence_name(job.printer) / evidence_name(job.name) / name
+    )
+    return next((p for p in candidates if p.is_file()), None)

@@ -1,0 +1,84 @@
+"""A watcher store filled by replaying synthetic jobs through the real watcher, for QA tests.
+
+The threshold is set at the median score of the replayed layers, so whatever the tiny test model
+learned, some jobs are flagged and some layers stay good. One extra job has a hostile printer
+and job name (HTML and quotes) to prove everything shown is escaped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from inspect3d.infer.model import OnnxModel
+from inspect3d.review import shop
+from inspect3d.watch.config import WatchConfig
+from inspect3d.watch.policy import PolicyConfig
+from inspect3d.watch.service import Watcher
+from inspect3d.watch.simulate import simulate
+
+HOSTILE_PRINTER = "pr\"<b onmouseover=alert('p')>'"
+HOSTILE_JOB = "job<img src=x onerror=alert('job')>"
+HOSTILE_NOTE = '</script><script>alert("note")</script> & "quotes" \'single\''
+
+
+def median_threshold(model: Path, images: list[Path]) -> float:
+    scores = [s.defect_score for s in OnnxModel.load(model).predict_batch(images)]
+    return float(np.median(scores))
+
+
+def add_hostile_job(data: Path, inbox: Path, n: int = 4) -> None:
+    """Copy layers of one defective job under a printer and job name full of HTML."""
+    src = sorted(p for p in data.glob("*/*.png") if p.parent.name not in ("ok", "_masks"))[:n]
+    folder = inbox / HOSTILE_PRINTER / HOSTILE_JOB
+    folder.mkdir(parents=True)
+    for i, p in enumerate(src):
+        shutil.copyfile(p, folder / f"layer_{i:04d}.png")
+    (folder / "JOB_END").touch()
+
+
+def replay_store(data: Path, model: Path, root: Path) -> Path:
+    """Replay ``data`` (from ``inspect3d synth``) as 2 printers; returns the state folder."""
+    inbox, state = root / "inbox", root / "state"
+    simulate(data, inbox, printers=2, rate=0, mode="direct")
+    add_hostile_job(data, inbox)
+    threshold = median_threshold(model, sorted(inbox.glob("*/*/*.png")))
+    cfg = WatchConfig(
+        model=str(model), inbox=str(inbox), state=str(state), settle_s=0.0, poll_s=0.01,
+        idle_s=3600.0, policy=PolicyConfig(k=2, n=3, threshold=threshold),
+    )  # fmt: skip
+    w = Watcher(cfg).start()
+    try:
+        for _ in range(200):
+            if not w.step():
+                break
+    finally:
+        w.close()
+    return state
+
+
+def copy_state(state: Path, dest: Path) -> Path:
+    """A private copy of a replayed state folder (its inbox stays shared, read-only)."""
+    shutil.copytree(state, dest, ignore=shutil.ignore_patterns("watch.lock"))
+    return dest
+
+
+def load_shop(state: Path) -> shop.Shop:
+    store = shop.open_store(state)
+    try:
+        return shop.load(store)
+    finally:
+        store.close()
+
+
+_REPLAYS: dict[tuple[Path, Path], Path] = {}
+
+
+def replayed_once(data: Path, model: Path, tmp_path_factory) -> Path:
+    """One replay per test session, shared by the test files (tests that write use a copy)."""
+    key = (data, model)
+    if key not in _REPLAYS:
+        _REPLAYS[key] = replay_store(data, model, tmp_path_factory.mktemp("replay"))
+    return _REPLAYS[key]
