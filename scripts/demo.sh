@@ -11,29 +11,32 @@ mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
 
-step "1/6 synthetic powder-bed jobs for training (seed 0) and a held-out set (seed 1)"
+step "1/7 synthetic powder-bed jobs for training (seed 0) and a held-out set (seed 1)"
 inspect3d synth out="$OUT/synth" seed=0 n_jobs="$JOBS" layers_per_job=16 size="$SIZE"
 inspect3d synth out="$OUT/holdout" seed=1 n_jobs=8 layers_per_job=16 size="$SIZE"
 
-step "2/6 train the default small CNN ($EPOCHS epochs at ${SIZE} px, job-wise split)"
+step "2/7 train the default small CNN ($EPOCHS epochs at ${SIZE} px, job-wise split)"
 inspect3d train data=folder data.root="$OUT/synth" data.normal_class=ok \
   data.height="$SIZE" data.width="$SIZE" trainer.epochs="$EPOCHS" trainer.batch_size=8 \
   hydra.run.dir="$OUT/run"
 
-step "3/6 evaluate on the held-out jobs (never seen in training)"
+step "3/7 evaluate on the held-out jobs (never seen in training)"
 inspect3d eval run="$OUT/run" data=folder data.root="$OUT/holdout" data.normal_class=ok
 
-step "4/6 export to ONNX and check it against torch"
+step "4/7 export to ONNX and check it against torch"
 inspect3d export run="$OUT/run"
 
-step "5/6 score held-out layers with onnxruntime"
+step "5/7 score held-out layers with onnxruntime"
 mapfile -t layers < <(find "$OUT/holdout" -path '*/_masks' -prune -o -name '*__0015.png' -print | sort)
 inspect3d predict "$OUT/run/model.onnx" "${layers[@]}" --overlay-dir "$OUT/overlays"
 
-step "6/6 watcher: replay the held-out jobs into an inbox as 3 printers would, decide per job"
+step "6/7 watcher: replay the held-out jobs into an inbox as 3 printers would, decide per job"
 inspect3d simulate data="$OUT/holdout" inbox="$OUT/inbox" printers=3 rate=20
 inspect3d watch model="$OUT/run/model.onnx" inbox="$OUT/inbox" state="$OUT/watch" until_idle=true
 inspect3d status state="$OUT/watch" --jobs
+
+step "7/7 QA report: shop summary and one page per job, with defect maps and layer records"
+inspect3d report state="$OUT/watch" out="$OUT/report"
 
 printf '\n== done in %ss. Outputs:\n' "$(( $(date +%s) - start ))"
 printf '  %-34s %s\n' \
@@ -42,4 +45,5 @@ printf '  %-34s %s\n' \
   "$OUT/run/eval.json" "held-out metrics; eval_predictions.csv beside it" \
   "$OUT/run/model.onnx" "the model for scoring (inspect3d predict / OnnxModel)" \
   "$OUT/overlays/" "defect-map overlays of the scored layers" \
-  "$OUT/watch/" "watcher state: SQLite db, rejects.jsonl, review/ evidence"
+  "$OUT/watch/" "watcher state: SQLite db, rejects.jsonl, review/ evidence" \
+  "$OUT/report/index.html" "QA report (then: inspect3d review state=$OUT/watch port=8765)"
