@@ -9,6 +9,7 @@ are Hydra config groups here). Only train/fit-normal/eval/export import torch.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -53,6 +54,8 @@ def train_task(cfg) -> float:
 
     out_dir = HydraConfig.get().runtime.output_dir
     metrics, path = train(cfg, out_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return float(metrics["macro_f1"])
     print(
         f"checkpoint: {path}\nmetrics:    {out_dir}/metrics.json "
         f"(val macro-F1 {metrics['macro_f1']:.3f}, N={metrics['n']})"

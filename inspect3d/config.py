@@ -32,6 +32,8 @@ class DataConfig:
     normal_class: str = MISSING
     manifest: str | None = None  # kind=manifest: CSV path (default ROOT/manifest.csv)
     val_root: str | None = None  # a separate validation folder instead of a split
+    # eval only: MASK_ROOT/<layer file stem>.<any image ext>, non-zero = defect; no file = clean
+    mask_root: str | None = None
     # preprocessing (inspect3d.data.preprocess.Preprocess)
     height: int = 512
     width: int = 512
@@ -69,12 +71,34 @@ class TrainerConfig:
     grad_clip: float = 5.0
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    # under torchrun: seconds a rank waits for the others (e.g. while rank 0 validates)
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class NormalConfig:
+    """``inspect3d fit-normal``: an anomaly model from good layers only (inspect3d.normal)."""
+
+    method: str = "gaussian"  # gaussian (shrunk Mahalanobis) | patchcore (coreset memory bank)
+    grid_stride: int = 16  # input pixels per defect-map cell: 8 or 16
+    layer_score: str = "topk"  # topk: mean of the top-k patch distances | max
+    topk: int = 10
+    shrinkage: float = 0.01  # gaussian: covariance shrinkage towards a scaled identity
+    bank_size: int = 1024  # patchcore: patches kept in the memory bank
+    coreset_pool: int = 20000  # patchcore: random good patches the coreset is chosen from
+    target_frr: float = 0.01  # false-reject rate the threshold aims at
+    calib_folds: int = 5  # out-of-fold scores of the good layers set the threshold
+    max_layers: int | None = None  # use at most this many good layers (evenly spaced)
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="normal", name="base_normal", node=NormalConfig)
 
 
 register_configs()

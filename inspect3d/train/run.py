@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from inspect3d.data.sources import LayerData, load_data, preprocess_of
 from inspect3d.io import write_json_atomic
 from inspect3d.metrics import calibrate_threshold, summarize
+from inspect3d.train import distributed
 from inspect3d.train.checkpoint import (
     config_hash,
     load_checkpoint,
@@ -24,16 +25,19 @@ from inspect3d.train.checkpoint import (
     save_checkpoint,
 )
 from inspect3d.train.dataset import LayerDataset, load_layers, load_masks
-from inspect3d.train.loop import predict, resolve_device, train_one_epoch
+from inspect3d.train.loop import StepTimes, predict, train_one_epoch
 from inspect3d.train.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
+
+DATA_WAIT_GOAL = 0.05  # above this share of step time waiting for batches, say what to do
 
 
 @dataclass
 class Loaders:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
+    sampler: torch.utils.data.DistributedSampler | None = None  # under DDP: this rank's shard
 
 
 def seed_everything(seed: int) -> None:
@@ -45,7 +49,8 @@ def seed_everything(seed: int) -> None:
 def make_loaders(data: LayerData, pre, trainer: Any, seed: int) -> Loaders:
     labels = data.labels()
     used = sorted(set(data.train) | set(data.val))
-    images = load_layers([data.items[i] for i in used], pre, trainer.progress)
+    progress = trainer.progress and distributed.is_main()
+    images = load_layers([data.items[i] for i in used], pre, progress)
     masks, known = load_masks([data.items[i] for i in used], [labels[i] for i in used], pre)
     pos = {i: k for k, i in enumerate(used)}
 
@@ -59,15 +64,20 @@ def make_loaders(data: LayerData, pre, trainer: Any, seed: int) -> Loaders:
         "num_workers": trainer.num_workers,
         "pin_memory": torch.cuda.is_available(),
     }
+    train_set = subset(data.train)
+    sampler = distributed.train_sampler(train_set, seed)
+    n = len(train_set) if sampler is None else len(sampler)
     return Loaders(
         train=torch.utils.data.DataLoader(
-            subset(data.train),
-            shuffle=True,
+            train_set,
+            shuffle=sampler is None,
+            sampler=sampler,
             generator=gen,
-            drop_last=len(data.train) > trainer.batch_size,
+            drop_last=n > trainer.batch_size,
             **opts,
         ),
         val=torch.utils.data.DataLoader(subset(data.val), shuffle=False, **opts),
+        sampler=sampler,
     )
 
 
@@ -92,13 +102,22 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int):
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, Path]:
-    """Train, keep the best epoch by validation macro-F1, calibrate the threshold, save all."""
-    out_dir = Path(out_dir)
+    """Train, keep the best epoch by validation macro-F1, calibrate the threshold, save all.
+
+    Under ``torchrun`` every rank calls this; they train together (DDP) and all return rank 0's
+    metrics and checkpoint path, which only rank 0 wrote (see ``inspect3d.train.distributed``).
+    """
+    with distributed.process_group(cfg.trainer.device, cfg.trainer.dist_timeout_s) as device:
+        return _train(cfg, distributed.shared_out_dir(Path(out_dir)), device)
+
+
+def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, Path]:
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-    data = load_data(cfg.data, cfg.seed)
+    with distributed.main_first():  # e.g. a synthetic set is generated once, by rank 0
+        data = load_data(cfg.data, cfg.seed)
     pre = preprocess_of(cfg.data)
     _log_data(data)
+    _log_scale(cfg.trainer, device)
     loaders = make_loaders(data, pre, cfg.trainer, cfg.seed)
     model = model_from_config(OmegaConf.to_container(cfg.model), len(data.classes), pre).to(device)
     state = _Training(cfg, data, pre, model, loaders, device, out_dir)
@@ -114,6 +133,20 @@ def _log_data(data: LayerData) -> None:
         len(data.val),
         len(set(data.groups)),
     )
+
+
+def _log_scale(trainer: Any, device: torch.device) -> None:
+    """The batch an optimiser step sees and the threads each process computes with."""
+    size = distributed.world_size()
+    if size > 1:
+        log.info(
+            "DDP: batch %d per process x %d processes = effective batch %d (optim.lr is not "
+            "scaled with it)",
+            trainer.batch_size,
+            size,
+            trainer.batch_size * size,
+        )
+    log.info("device %s; torch uses %d CPU thread(s) per process", device, torch.get_num_threads())
 
 
 class _Training:
@@ -146,6 +179,7 @@ class _Training:
         self.meta = self._meta()
         if t.resume:
             self._resume(t.resume)
+        self.net = distributed.wrap(model, device)  # what trains; self.model is what is saved
 
     def _meta(self) -> dict:
         config = OmegaConf.to_container(self.cfg, resolve=True)
@@ -178,11 +212,15 @@ class _Training:
             "vflip": self.cfg.data.vflip,
         }
         for epoch in range(self.start_epoch, t.epochs + 1):
-            torch.manual_seed(self.cfg.seed * 1000 + epoch)  # same epoch, same randomness
-            self.loaders.train.generator.manual_seed(self.cfg.seed * 1000 + epoch)
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+            seed = self.cfg.seed * 1000 + epoch  # same epoch, same randomness
+            torch.manual_seed(seed + 7919 * distributed.rank())  # ranks draw apart
+            self.loaders.train.generator.manual_seed(seed)
+            if self.loaders.sampler is not None:
+                self.loaders.sampler.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(seed + 7919 * distributed.rank())
+            times = StepTimes()
             loss = train_one_epoch(
-                self.model,
+                self.net,
                 self.loaders.train,
                 self.criterion,
                 self.optimizer,
@@ -194,11 +232,12 @@ class _Training:
                 self.amp,
                 t.grad_clip,
                 t.max_steps_per_epoch,
-                t.progress,
+                t.progress and distributed.is_main(),
                 f"epoch {epoch}/{t.epochs}",
                 t.map_loss_weight,
+                times,
             )
-            self._end_epoch(epoch, loss)
+            self._end_epoch(epoch, self._epoch_speed(loss, times))
 
     def _validate(self) -> tuple[dict, np.ndarray, np.ndarray, float]:
         probs, labels, logits = predict(self.model, self.loaders.val, self.device, self.amp)
@@ -219,8 +258,28 @@ class _Training:
             val_loss,
         )
 
-    def _end_epoch(self, epoch: int, train_loss: float) -> None:
+    def _epoch_speed(self, loss: float, times: StepTimes) -> dict:
+        """Training loss and speed of the epoch over all ranks (a collective: every rank)."""
+        ranks = distributed.gather({"loss": loss, **times.summary()})
+        mean = lambda key: float(np.mean([r[key] for r in ranks]))  # noqa: E731
+        return {
+            "train_loss": mean("loss"),
+            "images_per_s": float(sum(r["images_per_s"] for r in ranks)),
+            "data_wait": mean("data_wait"),
+            "prep": mean("prep"),
+            "step_ms": mean("step_ms"),
+            "rank_images": [int(r["images"]) for r in ranks],
+        }
+
+    def _end_epoch(self, epoch: int, speed: dict) -> None:
+        """Rank 0 validates and saves while the other ranks wait for it."""
+        if distributed.is_main():
+            self._validate_and_save(epoch, speed)
+        distributed.barrier()
+
+    def _validate_and_save(self, epoch: int, speed: dict) -> None:
         metrics, _, _, val_loss = self._validate()
+        train_loss = speed["train_loss"]
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -229,6 +288,7 @@ class _Training:
             "val_macro_f1": metrics["macro_f1"],
             "val_auroc": metrics["auroc"],
             "lr": self.optimizer.param_groups[0]["lr"],
+            **{k: speed[k] for k in ("images_per_s", "data_wait", "prep")},
         }
         self.history.append(row)
         log.info(
@@ -240,6 +300,7 @@ class _Training:
             row["val_macro_f1"],
             "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}",
         )
+        self._log_speed(epoch, speed)
         score = (row["val_macro_f1"], val_loss)
         if score[0] > self.best[0] or (score[0] == self.best[0] and score[1] < self.best[1]):
             self.best = score
@@ -255,7 +316,37 @@ class _Training:
             scheduler=self.scheduler.state_dict(),
         )
 
+    def _log_speed(self, epoch: int, speed: dict) -> None:
+        """The user-visible speed figure, and what to do when training waits for data."""
+        ranks = speed["rank_images"]
+        log.info(
+            "epoch %d: %.1f images/s, data wait %.1f%% of step time (augment + copy %.1f%%), "
+            "median step %.0f ms%s",
+            epoch,
+            speed["images_per_s"],
+            100 * speed["data_wait"],
+            100 * speed["prep"],
+            speed["step_ms"],
+            f"; layers per rank {ranks}" if len(ranks) > 1 else "",
+        )
+        if speed["data_wait"] > DATA_WAIT_GOAL:
+            log.warning(
+                "training waited for batches %.0f%% of the time (goal < %.0f%%): raise "
+                "trainer.num_workers (now %d); the layers are already decoded and cached in "
+                "memory, so a high share means the loader is short of CPU cores",
+                100 * speed["data_wait"],
+                100 * DATA_WAIT_GOAL,
+                self.cfg.trainer.num_workers,
+            )
+
     def finish(self) -> tuple[dict, Path]:
+        """Check the ranks agree, then rank 0 writes the reports; every rank returns them."""
+        distributed.check_in_sync(self.net)
+        result = self._report() if distributed.is_main() else None
+        metrics, path = distributed.broadcast(result)
+        return metrics, Path(path)
+
+    def _report(self) -> tuple[dict, Path]:
         """Reload the best epoch, calibrate the threshold on normal val layers, write reports."""
         best_path = self.out_dir / "checkpoint.pt"
         ckpt = load_checkpoint(best_path)
@@ -266,6 +357,10 @@ class _Training:
         groups = [self.data.groups[i] for i in self.data.val]
         metrics = summarize(labels, probs, self.data.classes, 0, threshold, groups)
         metrics.update(best_epoch=ckpt["epoch"], target_frr=target, split=self._split_info())
+        metrics["scale"] = {
+            "world_size": distributed.world_size(),
+            "effective_batch": self.cfg.trainer.batch_size * distributed.world_size(),
+        }
         save_checkpoint(
             best_path,
             self.model,
