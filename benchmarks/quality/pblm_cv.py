@@ -1,0 +1,347 @@
+"""PBLM 5-fold blocked CV: macro-F1 and defect AUROC of CNNs beside shortcut baselines.
+
+Jobs are unknown in PBLM, so each class folder's layers are cut into contiguous blocks, whole
+blocks are dealt to folds and ``purge_gap`` neighbours of a held-out block leave training
+(inspect3d.data.splits, settings from configs/data/pblm.yaml). Variants:
+
+- ``per_image``: default model, per-image normalisation + brightness/contrast jitter;
+- ``fixed``: default model, fixed normalisation, no jitter (may use the brightness shortcut);
+- ``lite0``: ImageNet EfficientNet-Lite0, frozen, per-image normalised input, linear probe;
+- baselines (always run, cheap): brightness only; 1-NN on 16x16 thumbnails, raw and
+  per-image normalised.
+
+    python benchmarks/quality/pblm_cv.py [--root DIR] [--variants per_image,fixed,lite0] [--quick]
+
+Results: docs/quality/pblm_cv.json and the ``pblm_cv`` section of docs/quality.md. Variants not
+named keep their earlier results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import common
+import numpy as np
+
+from inspect3d.data.manifest import class_list, scan_folder
+from inspect3d.data.preprocess import Preprocess, resize
+from inspect3d.data.sources import subsample
+from inspect3d.data.splits import Split
+from inspect3d.metrics import summarize
+from inspect3d.train.dataset import load_layers
+
+NAME = "pblm_cv"
+CNN_VARIANTS = {
+    "per_image": ["data.norm=per_image", "data.jitter=0.3"],
+    "fixed": ["data.norm=fixed", "data.jitter=0.0"],
+}
+LABELS = {
+    "brightness": "brightness only (nearest class mean grey)",
+    "nn_raw": "1-NN, 16x16 thumbnails, raw",
+    "nn_norm": "1-NN, 16x16 thumbnails, per-image normalised",
+    "per_image": "smallcnn, per-image norm + jitter",
+    "fixed": "smallcnn, fixed norm (shortcut allowed)",
+    "lite0": "EfficientNet-Lite0 ImageNet, frozen + linear probe, per-image norm",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines on 16x16 thumbnails (the thumbnail mean is the layer's mean grey)
+
+
+def duplicate_leaks(items, splits) -> dict:
+    """Byte-identical files, and per fold how many held-out layers have a twin in training."""
+    digest = [hashlib.sha256(it.path.read_bytes()).hexdigest() for it in items]
+    twins: dict[str, list[int]] = defaultdict(list)
+    for i, d in enumerate(digest):
+        twins[d].append(i)
+    pairs = [sorted(idx) for idx in twins.values() if len(idx) > 1]
+    leaks = []
+    for split in splits:
+        train = set(split.train)
+        leaks.append(sum(any(j in train for j in twins[digest[i]] if j != i) for i in split.val))
+    names = [[f"{items[i].label}/{items[i].path.name}" for i in p] for p in pairs]
+    return {"identical_groups": names, "held_out_with_twin_in_training": leaks}
+
+
+def thumbnails(items, side: int = 16) -> np.ndarray:
+    """16x16 grey thumbnails (the preprocessing's smallest input, then area-averaged again)."""
+    grey = load_layers(items, Preprocess(height=4 * side, width=4 * side), progress=False)
+    return np.stack([resize(g[0], side, side) for g in grey])
+
+
+def thumbnail_features(thumbs: np.ndarray) -> dict[str, np.ndarray]:
+    flat = thumbs.reshape(len(thumbs), -1).astype(np.float64)
+    mean = flat.mean(1, keepdims=True)
+    std = flat.std(1, keepdims=True) + 1.0
+    return {"brightness": mean, "nn_raw": flat, "nn_norm": (flat - mean) / std}
+
+
+# ----------------------------------------------------------------------------------------------
+# CNN variants: inspect3d's own training per fold, then predictions on the held-out blocks
+
+
+def cnn_predictions(root: Path, variant: str, fold: int, args) -> tuple[np.ndarray, dict]:
+    cfg = common.compose_train(
+        overrides(root, args) + [f"data.fold={fold}", *CNN_VARIANTS[variant]]
+    )
+    probs, metrics = common.train_and_predict(cfg, common.WORK / NAME / variant / f"fold{fold}")
+    return probs, {"best_epoch": metrics["best_epoch"]}
+
+
+def overrides(root: Path, args) -> list[str]:
+    return [
+        "data=pblm",
+        f"data.root={root}",
+        f"data.folds={args.folds}",
+        f"data.height={args.size}",
+        f"data.width={args.size}",
+        f"data.subsample={args.subsample}",
+        f"trainer.epochs={args.epochs}",
+        "trainer.batch_size=8",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        f"seed={common.SEED}",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+def run_variant(
+    variant, items, y, classes, splits, root, args, thumbs=None, feature_s: float = 0.0
+) -> dict:
+    """Per-fold figures and pooled figures (all held-out layers, block bootstrap) of a variant;
+    ``feature_s``: time already spent on its input (thumbnails)."""
+    t0 = time.time() - feature_s
+    k = len(classes)
+    probs = np.zeros((len(items), k))
+    per_fold = []
+    feats = thumbnail_features(thumbs) if thumbs is not None else None
+    if variant == "lite0":  # every n-th layer only: a frozen backbone pass is costly on CPU
+        keep = set(subsample(items, list(range(len(items))), args.lite0_every))
+        splits = [restrict(split, keep) for split in splits]
+        lite0, feature_s = lite0_features(items, sorted(keep), args)
+        t0 -= feature_s  # a cached extraction still counts in the row's minutes
+    for fold, split in enumerate(splits):
+        t = time.time()
+        extra: dict = {}
+        if variant in ("brightness", "nn_raw", "nn_norm"):
+            p = common.baseline_predictions(
+                feats[variant], y, split, k, centroid=variant == "brightness"
+            )
+        elif variant == "lite0":
+            p = linear_probe(lite0, y, split, k)
+        else:
+            p, extra = cnn_predictions(root, variant, fold, args)
+        probs[split.val] = p
+        m = summarize(y[split.val], p, classes, 0, n_boot=0)
+        per_fold.append(
+            {
+                "fold": fold,
+                "n": m["n"],
+                "n_normal": m["n_normal"],
+                "n_train": len(split.train),
+                "macro_f1": m["macro_f1"],
+                "accuracy": m["accuracy"],
+                "auroc": m["auroc"],
+                "seconds": round(time.time() - t, 1),
+                **extra,
+            }
+        )
+        print(variant, per_fold[-1], flush=True)
+    held = sorted(i for split in splits for i in split.val)
+    groups = [splits[0].groups[i] for i in held]
+    return {
+        "label": LABELS[variant],
+        "per_fold": per_fold,
+        "pooled": common.pooled(y[held], probs[held], classes, groups),
+        "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def restrict(split: Split, keep: set[int]) -> Split:
+    return Split(
+        train=[i for i in split.train if i in keep],
+        val=[i for i in split.val if i in keep],
+        groups=split.groups,
+    )
+
+
+def lite0_features(items, indices: list[int], args) -> tuple[np.ndarray, float]:
+    """Frozen ImageNet EfficientNet-Lite0 features (mean and max pooled) of the chosen layers
+    (rows of the others stay zero)."""
+    from lite0_probe import pooled_features
+
+    cache = common.WORK / NAME / f"lite0-features-{args.size}px-every{args.lite0_every}.npy"
+    seconds = cache.with_suffix(".seconds.txt")
+    if cache.is_file():  # the backbone is frozen: its features depend on nothing else
+        feats = np.load(cache)
+    else:
+        t = time.time()
+        pre = Preprocess(height=args.size, width=args.size, channels=1, norm="per_image")
+        feats = pooled_features([items[i] for i in indices], pre)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, feats)
+        seconds.write_text(f"{time.time() - t:.0f}\n")
+    out = np.zeros((len(items), feats.shape[1]), np.float32)
+    out[indices] = feats
+    return out, float(seconds.read_text()) if seconds.is_file() else 0.0
+
+
+def linear_probe(feats: np.ndarray, y: np.ndarray, split, k: int) -> np.ndarray:
+    from lite0_probe import fit_predict
+
+    return fit_predict(feats[split.train], y[split.train], feats[split.val], k, seed=common.SEED)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--root", type=Path, default=common.DATASETS / "pblm")
+    ap.add_argument("--variants", default="per_image,fixed,lite0")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--subsample", type=int, default=8)
+    ap.add_argument("--lite0-every", type=int, default=2, help="lite0 row: every n-th layer")
+    ap.add_argument("--quick", action="store_true", help="baselines only (seconds)")
+    args = ap.parse_args()
+    m = common.print_machine()
+    items = scan_folder(args.root)
+    cfg = common.compose_train(overrides(args.root, args))
+    classes = class_list(items, cfg.data.normal_class)
+    y = np.array([classes.index(it.label) for it in items])
+    splits = common.kfold_splits(items, cfg, args.folds)
+    results = common.load_results(NAME)
+    results.setdefault("variants", {})
+    results.update(machine=m, settings=settings(args, cfg), classes=classes)
+    results["counts"] = {c: int((y == i).sum()) for i, c in enumerate(classes)}
+    results["duplicates"] = duplicate_leaks(items, splits)
+    t = time.time()
+    thumbs = thumbnails(items)
+    thumb_s = time.time() - t
+    for v in ("brightness", "nn_raw", "nn_norm"):
+        results["variants"][v] = run_variant(
+            v, items, y, classes, splits, args.root, args, thumbs, thumb_s
+        )
+    for v in [] if args.quick else [s for s in args.variants.split(",") if s]:
+        results["variants"][v] = run_variant(v, items, y, classes, splits, args.root, args)
+        results = common.merge_results(NAME, results, [v])
+    results = common.merge_results(NAME, results, ["brightness", "nn_raw", "nn_norm"])
+    plot(results)
+    text = section(results)
+    common.update_section(NAME, text)
+    print(text)
+
+
+def settings(args, cfg) -> dict:
+    d = cfg.data
+    return {
+        "folds": args.folds,
+        "block_size": d.block_size,
+        "purge_gap": d.purge_gap,
+        "seed": cfg.seed,
+        "size": args.size,
+        "epochs": args.epochs,
+        "subsample": args.subsample,
+        "batch_size": 8,
+        "lite0_every": args.lite0_every,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+ORDER = ("brightness", "nn_raw", "nn_norm", "fixed", "per_image", "lite0")
+
+
+def section(r: dict) -> str:
+    s = r["settings"]
+    counts = ", ".join(f"{c} {n}" for c, n in r["counts"].items())
+    rows = []
+    for v in ORDER:
+        res = r["variants"].get(v)
+        if res is None:
+            rows.append(f"| {LABELS[v]} | not run | | | | | |")
+            continue
+        pf, p = res["per_fold"], res["pooled"]
+        rows.append(
+            f"| {res['label']} | {common.fmt_mean_sd([f['macro_f1'] for f in pf])} "
+            f"| {common.fmt_ci(p['macro_f1'], p['ci95']['macro_f1'])} "
+            f"| {common.fmt_ci(p['auroc'], p['ci95']['auroc'])} "
+            f"| {common.fmt_mean_sd([f['auroc'] for f in pf])} | {p['n']} ({p['n_normal']}) "
+            f"| {res['wall_s'] / 60:.1f} |"
+        )
+    n_normal = [f["n_normal"] for f in next(iter(r["variants"].values()))["per_fold"]]
+    p0 = next(iter(r["variants"].values()))["pooled"]
+    return "\n".join(
+        [
+            f"## PBLM: {s['folds']}-fold blocked CV, macro-F1 and defect AUROC",
+            "",
+            f"N = {p0['n']} layers ({counts}), {p0['n_groups']} blocks of about "
+            f"{s['block_size']} consecutive layers per class folder; whole blocks held out, "
+            f"{s['purge_gap']} neighbours on each side of a held-out block dropped from training; "
+            f"seed {s['seed']}. Held-out No_Defect layers per fold: {n_normal}. "
+            f"{dup_text(r.get('duplicates'))}",
+            "",
+            "| model | macro-F1, mean ± sd over folds | macro-F1 pooled [95% CI] "
+            "| defect AUROC pooled [95% CI] | defect AUROC per fold | N (No_Defect) "
+            "| minutes (wall, shared CPU) |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"CNNs: inspect3d's `train` per fold at {s['size']} px, {s['epochs']} epochs, every "
+            f"{s['subsample']}th training layer, batch {s['batch_size']}, CPU; the best epoch by "
+            "held-out macro-F1 is kept (as `inspect3d train` does), which flatters the CNN rows "
+            "slightly. Baselines use every training layer. The EfficientNet-Lite0 row uses every "
+            f"{s.get('lite0_every', 2)}nd layer of each class folder (training and held-out side) "
+            "to fit the CPU budget, hence its smaller N. Pooled = each layer predicted once "
+            "by the fold model that did not train on its block; 95% CIs from a bootstrap over "
+            "blocks (1000 resamples). Defect AUROC = defect vs No_Defect on 1 - P(No_Defect); "
+            "pooled over folds it mixes five models' scores.",
+            "",
+            "![PBLM macro-F1 and AUROC](img/quality_pblm.png)",
+            "",
+            "Command: `.venv/bin/python benchmarks/quality/pblm_cv.py` "
+            f"({common.machine_line(r['machine'])}).",
+        ]
+    )
+
+
+def dup_text(d: dict | None) -> str:
+    if not d:
+        return ""
+    groups = "; ".join(" = ".join(g) for g in d["identical_groups"]) or "none"
+    return (
+        f"Byte-identical files: {groups}. They fall into different blocks, so in some folds a "
+        "held-out layer has its exact twin in training (per fold: "
+        f"{d['held_out_with_twin_in_training']} layers), a leak the block split cannot see."
+    )
+
+
+def plot(r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [v for v in ORDER if v in r["variants"]]
+    labels = [r["variants"][v]["label"] for v in shown]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(shown) + 1.2), sharey=True)
+    for ax, key, title in ((axes[0], "macro_f1", "macro-F1"), (axes[1], "auroc", "defect AUROC")):
+        vals = [r["variants"][v]["pooled"][key] for v in shown]
+        cis = [r["variants"][v]["pooled"]["ci95"][key] for v in shown]
+        common.interval_plot(ax, labels, vals, cis, f"PBLM blocked 5-fold, pooled: {title}")
+    axes[0].axvline(0.95, ls="--", color="C3", lw=1)
+    common.savefig(fig, "pblm")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
