@@ -115,6 +115,9 @@ def batch_and_threads(model_path: str, pre: Preprocess, repeats: int) -> dict:
 
 
 def ort_vs_torch(net: ScoringNet, model: OnnxModel, pre: Preprocess, repeats: int) -> dict:
+    """Interleaved medians. onnxruntime runs without spinning here: its idle workers would
+    otherwise keep spinning into torch's turn and slow torch down on a small machine."""
+    model = OnnxModel.load(model.path, provider="cpu", spinning=False)
     out = {}
     for batch in (1, 8):
         x = np.random.default_rng(1).integers(0, 255, (batch, 1, *pre.size), dtype=np.uint8)
