@@ -115,20 +115,31 @@ def batch_and_threads(model_path: str, pre: Preprocess, repeats: int) -> dict:
 
 
 def ort_vs_torch(net: ScoringNet, model: OnnxModel, pre: Preprocess, repeats: int) -> dict:
-    """Interleaved medians. onnxruntime runs without spinning here: its idle workers would
-    otherwise keep spinning into torch's turn and slow torch down on a small machine."""
-    model = OnnxModel.load(model.path, provider="cpu", spinning=False)
-    out = {}
-    for batch in (1, 8):
-        x = np.random.default_rng(1).integers(0, 255, (batch, 1, *pre.size), dtype=np.uint8)
-        xt = torch.from_numpy(x)
+    """Interleaved medians at the same thread count, all cores and one core.
 
-        def eager(xt=xt):
-            with torch.inference_mode():
-                net(xt)
+    onnxruntime runs without spinning here (idle spinning workers would eat into torch's turn).
+    The one-thread rows are the robust ones on a busy machine: torch's OpenMP regions wait at
+    every op for a thread the OS may have parked, which inflates its multi-thread times.
+    """
+    out, default_threads = {}, torch.get_num_threads()
+    for threads in sorted({1, default_threads}, reverse=True):
+        torch.set_num_threads(threads)
+        session = OnnxModel.load(model.path, provider="cpu", threads=threads, spinning=False)
+        for batch in (1, 8):
+            x = np.random.default_rng(1).integers(0, 255, (batch, 1, *pre.size), dtype=np.uint8)
+            xt = torch.from_numpy(x)
 
-        ms = interleaved({"onnxruntime": lambda x=x: model.run(x), "torch": eager}, repeats)
-        out[batch] = {k: med(v) for k, v in ms.items()}
+            def eager(xt=xt):
+                with torch.inference_mode():
+                    net(xt)
+
+            ms = interleaved(
+                {"onnxruntime": lambda x=x, m=session: m.run(x), "torch": eager}, repeats
+            )
+            out[f"{threads}x{batch}"] = {"threads": threads, "batch": batch} | {
+                k: med(v) for k, v in ms.items()
+            }
+    torch.set_num_threads(default_threads)
     return out
 
 
@@ -184,11 +195,11 @@ def report(args, res: dict) -> str:
             f"| {name} | {t['in_turn']:.0f} layers/s | {t['overlapped']:.0f} layers/s | "
             f"{t['overlapped'] / t['in_turn']:.2f}x |"
         )
-    lines += ["", "| batch | onnxruntime fp32 ms | torch eager ms | onnxruntime speed-up |",
-              "|---|---|---|---|"]  # fmt: skip
-    for batch, r in res["ort_vs_torch"].items():
+    lines += ["", "| threads | batch | onnxruntime fp32 ms | torch eager ms | speed-up |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for r in res["ort_vs_torch"].values():
         lines.append(
-            f"| {batch} | {r['onnxruntime']:.1f} | {r['torch']:.1f} | "
+            f"| {r['threads']} | {r['batch']} | {r['onnxruntime']:.1f} | {r['torch']:.1f} | "
             f"**{r['torch'] / r['onnxruntime']:.2f}x** |"
         )
     lines += ["", "| intra-op threads | batch | ms per layer |", "|---|---|---|"]
