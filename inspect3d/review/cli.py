@@ -22,21 +22,10 @@ USAGE = {
 def load_section(section: str, args: list[str]) -> dict:
     """The ``section`` of configs/review.yaml with ``key=value`` overrides, as plain values."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    bad = [a for a in args if "=" not in a or a.startswith("-")]
-    if bad:
-        raise InspectError(f"bad argument(s) {bad}: use `{USAGE[section]}`")
-    base = OmegaConf.load(CONFIG)[section]
-    OmegaConf.set_struct(base, True)  # a typo in a key is an error, not a new key
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(args))
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as exc:
-        msg = str(exc).splitlines()[0]
-        raise InspectError(
-            f"`inspect3d {section}`: {msg}; valid keys: {sorted(base)} ({USAGE[section]})"
-        ) from exc
+    from inspect3d.overrides import merge_overrides
+
+    return merge_overrides(OmegaConf.load(CONFIG)[section], args, section, USAGE[section])
 
 
 def report_main(args: list[str]) -> int:

@@ -10,27 +10,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from inspect3d.errors import InspectError
-
 
 def load_config(name: str, args: list[str]) -> dict:
     """``configs/<name>.yaml`` with ``key=value`` overrides, resolved to plain Python values."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from inspect3d.config import CONFIG_DIR
+    from inspect3d.overrides import merge_overrides
 
-    bad = [a for a in args if "=" not in a or a.startswith("-")]
-    if bad:
-        raise InspectError(f"bad argument(s) {bad} for `inspect3d {name}`: use key=value")
-    base = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    OmegaConf.set_struct(base, True)  # a typo in a key is an error, not a new key
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(args))
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as exc:
-        msg = str(exc).splitlines()[0]
-        raise InspectError(f"`inspect3d {name}`: {msg}; valid keys: {sorted(base)}") from exc
+    return merge_overrides(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"), args, name)
 
 
 def watch_main(args: list[str]) -> int:
