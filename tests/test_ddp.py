@@ -84,7 +84,7 @@ def test_only_rank_0_writes_the_run(ddp_run):
     run, r = ddp_run
     text = (run / "train.log").read_text()
     assert text.count("epoch 2: train loss") == 1, "a second rank wrote to train.log"
-    assert r.stdout.count("checkpoint: ") == 2  # the CLI's summary line, once per rank
+    assert r.stdout.count("checkpoint: ") == 1  # the CLI's summary line: rank 0 only
     assert set(p.name for p in run.iterdir()) >= {"checkpoint.pt", "last.pt", "metrics.json"}
     assert not list(run.glob(".*.tmp"))
 
