@@ -81,3 +81,37 @@ def test_pblm_blocked_split_has_no_neighbour_across_sides():
             it = items[i]
             near = {(it.label, it.layer + d) for d in range(-3, 4)}
             assert not (near & train), f"{it.path} has a training neighbour"
+
+
+def test_byte_identical_layers_never_straddle_the_split(tmp_path):
+    """A re-triggered camera or a copied file: twins in far-apart blocks stay on one side."""
+    items = []
+    for label, n in (("ok", 40), ("streak", 40)):
+        for i in range(n):
+            path = tmp_path / label / f"converted_ {i:04d}.jpg"
+            path.parent.mkdir(exist_ok=True)
+            twin = i == 35 and label == "ok"  # same bytes as ok layer 0, seven blocks away
+            path.write_bytes(b"layer ok 0" if twin else f"layer {label} {i}".encode())
+            items.append(Item(path, label, None, i))
+    for fold in range(5):
+        split = kfold_split(items, fold, folds=5, block_size=5, purge_gap=1)
+        sides = {i in split.val for i in (0, 35)}
+        assert len(sides) == 1, f"fold {fold}: the twins are on both sides"
+        assert split.groups[0] == split.groups[35]
+
+
+def test_pblm_exact_duplicates_share_a_side():
+    root = pblm_or_skip()
+    items = scan_folder(root)
+    index = {it.path.name: i for i, it in enumerate(items) if it.label == "No_Defect"}
+    pairs = [
+        ("converted_ 0000.jpg", "converted_ 0013.jpg"),
+        ("converted_ 0001.jpg", "converted_ 0014.jpg"),
+    ]
+    for a, b in pairs:
+        assert items[index[a]].path.read_bytes() == items[index[b]].path.read_bytes()
+    for fold in range(5):
+        split = kfold_split(items, fold, folds=5, block_size=20, purge_gap=3)
+        val = set(split.val)
+        for a, b in pairs:
+            assert (index[a] in val) == (index[b] in val), f"fold {fold}: {a} and {b} split"

@@ -8,6 +8,7 @@ are dealt to folds, stratified by each group's majority label. Around each held-
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -58,6 +59,37 @@ def assign_groups(items: list[Item], folds: int, block_size: int) -> list[str]:
     return groups
 
 
+def merge_duplicates(items: list[Item], groups: list[str]) -> list[str]:
+    """Put byte-identical layer files in one group, so a file's twin never sits on the other side.
+
+    Cameras re-trigger and data sets get copied: PBLM's No_Defect folder holds two exact pairs
+    in different blocks. Files that cannot be read are left as they are (the loader reports them).
+    """
+    first: dict[str, str] = {}
+    rename: dict[str, str] = {}
+    for it, g in zip(items, groups, strict=True):
+        digest = _digest(it.path)
+        if digest is None:
+            continue
+        root = _resolve(rename, first.setdefault(digest, g))
+        if (mine := _resolve(rename, g)) != root:
+            rename[mine] = root
+    return [_resolve(rename, g) for g in groups]
+
+
+def _digest(path) -> str | None:
+    try:
+        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return None
+
+
+def _resolve(rename: dict[str, str], g: str) -> str:
+    while g in rename:
+        g = rename[g]
+    return g
+
+
 def assign_folds(items: list[Item], groups: list[str], folds: int, seed: int) -> list[int]:
     """Fold number per item; groups never straddle folds; labels spread evenly over folds."""
     members: dict[str, list[int]] = defaultdict(list)
@@ -83,7 +115,11 @@ def assign_folds(items: list[Item], groups: list[str], folds: int, seed: int) ->
 
 
 def kfold_split(
-    items: list[Item], fold: int, folds: int = 5, block_size: int = 16, purge_gap: int = 2,
+    items: list[Item],
+    fold: int,
+    folds: int = 5,
+    block_size: int = 16,
+    purge_gap: int = 2,
     seed: int = 0,
 ) -> Split:
     """Train/val indices for one fold of a grouped, blocked k-fold split."""
@@ -91,7 +127,7 @@ def kfold_split(
         raise InspectError(f"folds={folds!r} is not valid: use 2 or more")
     if not 0 <= fold < folds:
         raise InspectError(f"fold={fold!r} is not valid: use 0..{folds - 1}")
-    groups = assign_groups(items, folds, block_size)
+    groups = merge_duplicates(items, assign_groups(items, folds, block_size))
     fold_of = assign_folds(items, groups, folds, seed)
     val = [i for i, f in enumerate(fold_of) if f == fold]
     if not val or len(val) == len(items):
