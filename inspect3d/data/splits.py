@@ -65,9 +65,13 @@ def merge_duplicates(items: list[Item], groups: list[str]) -> list[str]:
     Cameras re-trigger and data sets get copied: PBLM's No_Defect folder holds two exact pairs
     in different blocks. Files that cannot be read are left as they are (the loader reports them).
     """
+    sizes = [_size(it.path) for it in items]
+    shared = {n for n, k in Counter(sizes).items() if n is not None and k > 1}
     first: dict[str, str] = {}
     rename: dict[str, str] = {}
-    for it, g in zip(items, groups, strict=True):
+    for it, g, size in zip(items, groups, sizes, strict=True):
+        if size not in shared:  # a file of unique size has no twin: no need to read it
+            continue
         digest = _digest(it.path)
         if digest is None:
             continue
@@ -80,6 +84,13 @@ def merge_duplicates(items: list[Item], groups: list[str]) -> list[str]:
 def _digest(path) -> str | None:
     try:
         return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    except OSError:  # unreadable: the loader reports it
+        return None
+
+
+def _size(path) -> int | None:
+    try:
+        return path.stat().st_size
     except OSError:
         return None
 
