@@ -7,13 +7,17 @@ and job name (HTML and quotes) to prove everything shown is escaped.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from inspect3d.infer.model import OnnxModel
 from inspect3d.review import shop
+from inspect3d.review.server import ReviewServer
 from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.policy import PolicyConfig
 from inspect3d.watch.service import Watcher
@@ -82,3 +86,17 @@ def replayed_once(data: Path, model: Path, tmp_path_factory) -> Path:
     if key not in _REPLAYS:
         _REPLAYS[key] = replay_store(data, model, tmp_path_factory.mktemp("replay"))
     return _REPLAYS[key]
+
+
+@contextlib.contextmanager
+def serving(state: Path, reviewer: str) -> Iterator[ReviewServer]:
+    """The review server on a free loopback port, in a thread, shut down afterwards."""
+    srv = ReviewServer(state, "127.0.0.1", 0, None, reviewer)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)

@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from review_fixtures import HOSTILE_JOB, HOSTILE_NOTE, copy_state, load_shop, replayed_once
+from review_fixtures import HOSTILE_JOB, HOSTILE_NOTE, copy_state, load_shop, replayed_once, serving
 
 from inspect3d.cli import main as inspect3d_main
 from inspect3d.data.manifest import MANIFEST_COLUMNS, read_manifest
@@ -96,13 +95,8 @@ def test_default_reason_is_the_first_of_the_decision():
 # --- the server over plain HTTP ----------------------------------------------------------------
 @pytest.fixture
 def server(state) -> Iterator[ReviewServer]:
-    srv = ReviewServer(state, "127.0.0.1", 0, None, "tester")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    with serving(state, "tester") as srv:
+        yield srv
 
 
 def request(srv: ReviewServer, path: str, form: dict | None = None, host: str | None = None):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from review_fixtures import HOSTILE_NOTE, copy_state, load_shop, replayed_once
+from review_fixtures import HOSTILE_NOTE, copy_state, load_shop, replayed_once, serving
 
 from inspect3d.review.server import ReviewServer
 
@@ -43,13 +42,8 @@ def state(synth_dir, exported, tmp_path_factory, tmp_path) -> Path:
 
 @pytest.fixture
 def server(state) -> Iterator[ReviewServer]:
-    srv = ReviewServer(state, "127.0.0.1", 0, None, "browser-qa")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    with serving(state, "browser-qa") as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ the model's preprocessing converts arrays, and that is noted on the layer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,12 @@ from inspect3d.infer.model import LayerScore, OnnxModel
 from inspect3d.watch.inbox import Arrival, inside, odd_name
 
 DECODE_THREADS = min(4, os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One decode pool for the process's life, not threads started for every batch."""
+    return ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="watch-decode")
 
 
 @dataclass
@@ -87,8 +94,7 @@ def score_batch(
     the GIL), so layers landing together from many printers use all cores before inference.
     """
     results, images = [], []
-    with ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(arrivals)))) as pool:
-        prepared = list(pool.map(lambda a: _prepare(model, a, inbox, max_pixels), arrivals))
+    prepared = list(_pool().map(lambda a: _prepare(model, a, inbox, max_pixels), arrivals))
     for result, image in prepared:
         results.append(result)
         if image is not None:
