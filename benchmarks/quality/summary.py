@@ -26,40 +26,31 @@ def row(
     return f"| {goal} | {figure} | {value_text} | {reached} | {n} |"
 
 
-def pblm_rows(r: dict) -> list[str]:
+def variant_rows(r: dict, variants: tuple, goal: str, value, ci, n_text) -> list[str]:
+    """One goal row per variant of a CV result: pooled value, its CI and N (from ``pooled``)."""
     out = []
-    for v in ("per_image", "lite0"):
+    for v in variants:
         res = r.get("variants", {}).get(v)
         p = res["pooled"] if res else {}
-        out.append(
-            row(
-                "PBLM blocked macro-F1 >= 0.95, brightness normalised",
-                res["label"] if res else v,
-                p.get("macro_f1"),
-                p.get("ci95", {}).get("macro_f1"),
-                0.95,
-                f"N={p.get('n')} layers, {p.get('n_groups')} blocks" if res else "",
-            )
-        )
+        label = res["label"] if res else v
+        out.append(row(goal, label, value(p), ci(p), 0.95, n_text(p) if res else ""))
     return out
+
+
+def pblm_rows(r: dict) -> list[str]:
+    return variant_rows(
+        r, ("per_image", "lite0"), "PBLM blocked macro-F1 >= 0.95, brightness normalised",
+        lambda p: p.get("macro_f1"), lambda p: p.get("ci95", {}).get("macro_f1"),
+        lambda p: f"N={p.get('n')} layers, {p.get('n_groups')} blocks",
+    )  # fmt: skip
 
 
 def snu_rows(r: dict) -> list[str]:
-    out = []
-    for v in ("scratch", "lite0"):
-        res = r.get("variants", {}).get(v)
-        p = res["pooled"] if res else {}
-        out.append(
-            row(
-                "SNU FDM accuracy >= 0.95",
-                res["label"] if res else v,
-                p.get("accuracy"),
-                p.get("accuracy_wilson95"),
-                0.95,
-                f"N={p.get('n')} photos" if res else "",
-            )
-        )
-    return out
+    return variant_rows(
+        r, ("scratch", "lite0"), "SNU FDM accuracy >= 0.95",
+        lambda p: p.get("accuracy"), lambda p: p.get("accuracy_wilson95"),
+        lambda p: f"N={p.get('n')} photos",
+    )  # fmt: skip
 
 
 def normal_rows(r: dict) -> list[str]:
