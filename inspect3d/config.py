@@ -104,3 +104,13 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def compose(name: str, overrides: list[str]):
+    """``configs/<name>.yaml`` with Hydra overrides, as the commands compose it (for scripts,
+    benchmarks and tests that call the task functions directly)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=name, overrides=overrides)

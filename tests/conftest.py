@@ -15,13 +15,9 @@ SIZE = 128
 
 
 def compose(config: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from inspect3d.config import compose as compose_config
 
-    from inspect3d.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config, overrides=overrides)
+    return compose_config(config, overrides)
 
 
 def train_overrides(root: Path, *extra: str) -> list[str]:

@@ -75,12 +75,9 @@ def machine_line(m: dict) -> str:
 
 def compose_train(overrides: list[str]):
     """The ``inspect3d train`` config with ``overrides``, as Hydra composes it."""
-    from hydra import compose, initialize_config_dir
+    from inspect3d.config import compose
 
-    from inspect3d.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides)
+    return compose("train", overrides)
 
 
 def train_and_predict(cfg, out_dir: Path) -> tuple[np.ndarray, dict]:

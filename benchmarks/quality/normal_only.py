@@ -68,12 +68,9 @@ def fit(items: list[Item], normal_class: str, out_dir: Path, size: int, channels
 
 
 def compose_fit(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from inspect3d.config import compose
 
-    from inspect3d.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("fit_normal", overrides)
+    return compose("fit_normal", overrides)
 
 
 @torch.inference_mode()

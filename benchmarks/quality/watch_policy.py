@@ -59,9 +59,7 @@ def synth_set(out: Path, seed: int, n_jobs: int, size: int, defect_fraction: flo
 
 def train_model(train_root: Path, run: Path, size: int, epochs: int) -> Path:
     """Train the default model on the training jobs and export it; the ONNX path."""
-    from hydra import compose, initialize_config_dir
-
-    from inspect3d.config import CONFIG_DIR
+    from inspect3d.config import compose
     from inspect3d.export.onnx import export_run
     from inspect3d.train.run import train
 
@@ -83,8 +81,7 @@ def train_model(train_root: Path, run: Path, size: int, epochs: int) -> Path:
         t = time.time()
         train(cfg, run)
         (run / "train_minutes.txt").write_text(f"{(time.time() - t) / 60:.2f}\n")
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            export_run(compose("export", [f"run={run}"]))
+        export_run(compose("export", [f"run={run}"]))
     return run / "model.onnx"
 
 

@@ -24,9 +24,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from common import RESULTS, interleaved, machine_line, med
-from hydra import compose, initialize_config_dir
 
-from inspect3d.config import CONFIG_DIR
+from inspect3d.config import compose
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.export.onnx import export_run
 from inspect3d.infer import OnnxModel
@@ -44,15 +43,10 @@ def card() -> str:
         return f"no nvidia-smi ({exc})"
 
 
-def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
 def train_speed(data: Path, tmp: Path, model: str, amp: bool, args) -> dict:
     """images/s of a short training run (whole run timed, validation included)."""
     run = tmp / f"{model}-{'amp' if amp else 'fp32'}"
-    cfg = _compose("train", [
+    cfg = compose("train", [
         "data=folder", f"data.root={data}", "data.normal_class=ok", f"data.height={args.size}",
         f"data.width={args.size}", f"model={model}", f"trainer.epochs={args.epochs}",
         f"trainer.batch_size={args.batch}", f"trainer.device={args.device}",
@@ -118,7 +112,7 @@ def main() -> None:
                 res["train"][key] = train_speed(data, Path(tmp), model, amp, args)
                 print(key, res["train"][key], flush=True)
         run = Path(res["train"][f"{args.models.split(',')[0]}/amp"]["run"])
-        export_run(_compose("export", [f"run={run}"]))
+        export_run(compose("export", [f"run={run}"]))
         res["onnxruntime"] = ort_speed(run / "model.onnx", args)
     print(json.dumps(res, indent=1))
     out = Path(os.environ.get("OUT") or RESULTS)

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, cpu_features, interleaved, machine_line, med, op_profile
 from common import write_section as write_doc
-from hydra import compose, initialize_config_dir
 
-from inspect3d.config import CONFIG_DIR
+from inspect3d.config import compose
 from inspect3d.data.manifest import scan_folder
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.export.onnx import export_run
@@ -30,11 +29,6 @@ from inspect3d.export.quantize import compare
 from inspect3d.infer import OnnxModel
 from inspect3d.train.dataset import load_layers
 from inspect3d.train.run import train
-
-
-def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def trained_run(tmp: Path, epochs: int, size: int) -> tuple[Path, Path]:
@@ -47,8 +41,8 @@ def trained_run(tmp: Path, epochs: int, size: int) -> tuple[Path, Path]:
         f"data.width={size}", f"trainer.epochs={epochs}", "trainer.batch_size=8",
         "trainer.progress=false",
     ]  # fmt: skip
-    train(_compose("train", overrides), run)
-    export_run(_compose("export", [f"run={run}", "quantize=int8"]))
+    train(compose("train", overrides), run)
+    export_run(compose("export", [f"run={run}", "quantize=int8"]))
     return run, holdout
 
 

@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from common import RESULTS, machine_line
 from common import write_section as write_doc
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from inspect3d.config import CONFIG_DIR
+from inspect3d.config import compose
 from inspect3d.data.sources import preprocess_of
 from inspect3d.data.synth import SynthConfig, render_job
 from inspect3d.train.checkpoint import model_from_config
@@ -56,8 +55,7 @@ def synthetic_set(size: int, n_jobs: int) -> LayerDataset:
 
 def training_parts(size: int, device: torch.device):
     """The default config's model, optimiser and loss settings (``configs/train.yaml``)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", [f"data.height={size}", f"data.width={size}"])
+    cfg = compose("train", [f"data.height={size}", f"data.width={size}"])
     pre = preprocess_of(cfg.data)
     model = model_from_config(OmegaConf.to_container(cfg.model), len(CLASSES), pre).to(device)
     model.to(memory_format=torch.channels_last)
