@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from isolate import isolated
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 SIZE = 128
@@ -57,7 +59,7 @@ def tiny_run(synth_dir, tmp_path_factory) -> Path:
     from inspect3d.train.run import train
 
     run = tmp_path_factory.mktemp("run")
-    train(compose("train", train_overrides(synth_dir)), run)
+    isolated(train, compose("train", train_overrides(synth_dir)), run)
     return run
 
 
@@ -65,7 +67,7 @@ def tiny_run(synth_dir, tmp_path_factory) -> Path:
 def exported(tiny_run) -> Path:
     from inspect3d.export.onnx import export_run
 
-    export_run(compose("export", [f"run={tiny_run}"]))
+    isolated(export_run, compose("export", [f"run={tiny_run}"]))
     return tiny_run / "model.onnx"
 
 
@@ -74,3 +76,9 @@ def pblm_or_skip() -> Path:
     if not pblm.is_dir():
         pytest.skip(f"real data not here: {pblm} is absent (it sits beside the project in CI)")
     return pblm
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from isolate import shutdown
+
+    shutdown()

@@ -15,6 +15,7 @@ from inspect3d.metrics import pixel_auroc, region_recall
 from inspect3d.train.evaluate import mask_metrics
 
 from conftest import compose
+from isolate import isolated
 
 
 def eval_cfg(run, root, out, *extra: str):
@@ -77,10 +78,12 @@ def test_eval_with_masks_writes_pixel_auroc(tiny_run, holdout_dir, tmp_path):
     masks = tmp_path / "masks"
     shutil.copytree(holdout_dir / "_masks", masks)  # synthetic masks, named like the layers
     out = tmp_path / "eval.json"
-    metrics = evaluate_run(eval_cfg(tiny_run, holdout_dir, out, f"data.mask_root={masks}"))
+    metrics = isolated(
+        evaluate_run, eval_cfg(tiny_run, holdout_dir, out, f"data.mask_root={masks}")
+    )
     saved = json.loads(out.read_text())
     assert saved["pixel_auroc"] == metrics["pixel_auroc"] and 0 <= saved["pixel_auroc"] <= 1
     assert saved["n_regions"] > 0 and 0 <= saved["region_recall"] <= 1
     assert saved["region_threshold"] == pytest.approx(saved["threshold"]["value"])
-    plain = evaluate_run(eval_cfg(tiny_run, holdout_dir, tmp_path / "plain.json"))
+    plain = isolated(evaluate_run, eval_cfg(tiny_run, holdout_dir, tmp_path / "plain.json"))
     assert "pixel_auroc" not in plain  # without masks: the figures of before

@@ -53,3 +53,32 @@ def test_grey_stem_of_a_pretrained_layout_sums_rgb():
 def test_unknown_model_is_named():
     with pytest.raises(InspectError, match=r"unknown model 'vgg'.*smallcnn"):
         build_model("vgg", 2, Preprocess())
+
+
+REDUCED_AVX512_CASE = """
+import torch
+from inspect3d.data.preprocess import Preprocess
+from inspect3d.models import build_model
+from inspect3d.train.loop import memory_format, to_memory_format
+torch.manual_seed(0)
+pre = Preprocess(height=128, width=128, channels=1)
+cpu = memory_format(torch.device("cpu"))
+for width in (4, 8, 16):
+    net = build_model("smallcnn", 2, pre, width=width).to(memory_format=cpu)
+    x = to_memory_format(torch.randint(0, 256, (4, 1, 128, 128), dtype=torch.uint8))
+    net(x)[0].sum().backward()
+print("ok")
+"""
+
+
+def test_training_memory_format_survives_narrow_backward_on_this_cpu():
+    """The reduced case that crashed oneDNN on AVX-512 CPUs (SIGSEGV in the backward of a narrow
+    channels_last SmallCNN at 128 px): training's CPU memory format must run it. In a
+    subprocess, so a crash fails this test instead of killing the run."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", REDUCED_AVX512_CASE], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -18,6 +18,7 @@ from inspect3d.normal.stats import frr_of_order_statistic, greedy_coreset, shrun
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import SIZE, compose
+from isolate import isolated
 
 
 def normal_overrides(root, *extra: str) -> list[str]:
@@ -35,9 +36,9 @@ def normal_overrides(root, *extra: str) -> list[str]:
 def fit_and_export(root, run, *extra: str):
     from inspect3d.export.onnx import export_run
 
-    summary, path = fit_normal(compose("fit_normal", normal_overrides(root, *extra)), run)
+    summary, path = isolated(fit_normal, compose("fit_normal", normal_overrides(root, *extra)), run)
     assert path == run / "checkpoint.pt" and "expected FRR" in summary
-    export_run(compose("export", [f"run={run}", "n_check=4"]))  # fails past the tolerance
+    isolated(export_run, compose("export", [f"run={run}", "n_check=4"]))  # fails past the tolerance
     return run
 
 
@@ -113,7 +114,7 @@ def test_eval_counts_every_other_class_as_defect(normal_run, holdout_dir, tmp_pa
 
     out = tmp_path / "eval.json"
     overrides = normal_overrides(holdout_dir, f"run={normal_run}", f"out={out}")
-    metrics = evaluate_run(compose("eval", [o for o in overrides if "progress" not in o]))
+    metrics = isolated(evaluate_run, compose("eval", [o for o in overrides if "progress" not in o]))
     items = scan_folder(holdout_dir)
     assert metrics["n_defect"] == sum(it.label != "ok" for it in items) > 0
     assert metrics["mode"] == "normal_only" and metrics["auroc"] is not None
@@ -124,20 +125,28 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
     from inspect3d.train.evaluate import evaluate_run
 
     with pytest.raises(InspectError, match="normal-only.*data=folder"):
-        evaluate_run(compose("eval", [f"run={normal_run}", f"out={tmp_path / 'e.json'}"]))
+        isolated(evaluate_run, compose("eval", [f"run={normal_run}", f"out={tmp_path / 'e.json'}"]))
 
 
 def test_fit_normal_refuses_bad_settings(synth_dir, tmp_path):
     with pytest.raises(InspectError, match=r"data.normal_class='good' has no layers.*'ok'"):
-        fit_normal(
-            compose("fit_normal", normal_overrides(synth_dir, "data.normal_class=good")), tmp_path
+        isolated(
+            fit_normal,
+            compose("fit_normal", normal_overrides(synth_dir, "data.normal_class=good")),
+            tmp_path,
         )
     with pytest.raises(InspectError, match=r"normal.method='knn'.*gaussian"):
-        fit_normal(
-            compose("fit_normal", normal_overrides(synth_dir, "normal.method=knn")), tmp_path
+        isolated(
+            fit_normal,
+            compose("fit_normal", normal_overrides(synth_dir, "normal.method=knn")),
+            tmp_path,
         )
     with pytest.raises(InspectError, match=r"model='resnet18'.*efficientnet_lite0"):
-        fit_normal(compose("fit_normal", normal_overrides(synth_dir, "model=resnet18")), tmp_path)
+        isolated(
+            fit_normal,
+            compose("fit_normal", normal_overrides(synth_dir, "model=resnet18")),
+            tmp_path,
+        )
 
 
 def test_folds_are_contiguous_and_keep_duplicates_together():

@@ -18,6 +18,7 @@ from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.run import train
 
 from conftest import compose, train_overrides
+from isolate import isolated
 
 
 def test_run_folder_holds_everything(tiny_run):
@@ -39,7 +40,9 @@ def test_checkpoint_is_self_describing_and_weights_only(tiny_run):
 def test_training_is_reproducible_on_cpu(synth_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
-        train(compose("train", train_overrides(synth_dir, "trainer.epochs=1")), tmp_path / name)
+        isolated(
+            train, compose("train", train_overrides(synth_dir, "trainer.epochs=1")), tmp_path / name
+        )
         runs.append(load_checkpoint(tmp_path / name / "last.pt")["state_dict"])
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]), key
@@ -47,9 +50,10 @@ def test_training_is_reproducible_on_cpu(synth_dir, tmp_path):
 
 def test_resume_continues_from_last_epoch(synth_dir, tmp_path):
     first = tmp_path / "first"
-    train(compose("train", train_overrides(synth_dir, "trainer.epochs=1")), first)
+    isolated(train, compose("train", train_overrides(synth_dir, "trainer.epochs=1")), first)
     resumed = tmp_path / "resumed"
-    train(
+    isolated(
+        train,
         compose(
             "train",
             train_overrides(synth_dir, "trainer.epochs=2", f"trainer.resume={first / 'last.pt'}"),
@@ -66,7 +70,7 @@ def test_resume_from_another_model_is_refused(synth_dir, tiny_run, tmp_path):
     )
     cfg = compose("train", [o for o in overrides if not o.startswith("model.width")])
     with pytest.raises(InspectError, match="checkpoint holds model 'smallcnn'"):
-        train(cfg, tmp_path / "other")
+        isolated(train, cfg, tmp_path / "other")
 
 
 def test_eval_on_held_out_data_writes_eval_json(tiny_run, holdout_dir, tmp_path):
@@ -83,7 +87,7 @@ def test_eval_on_held_out_data_writes_eval_json(tiny_run, holdout_dir, tmp_path)
             f"out={out}",
         ],
     )
-    metrics = evaluate_run(cfg)
+    metrics = isolated(evaluate_run, cfg)
     saved = json.loads(out.read_text())
     assert saved["n"] == len(scan_folder(holdout_dir)) == metrics["n"]
     assert {"accuracy", "macro_f1", "auroc", "threshold", "per_class"} <= set(saved)
@@ -92,7 +96,9 @@ def test_eval_on_held_out_data_writes_eval_json(tiny_run, holdout_dir, tmp_path)
 def test_eval_without_data_uses_the_runs_validation_split(tiny_run, tmp_path):
     from inspect3d.train.evaluate import evaluate_run
 
-    metrics = evaluate_run(compose("eval", [f"run={tiny_run}", f"out={tmp_path / 'v.json'}"]))
+    metrics = isolated(
+        evaluate_run, compose("eval", [f"run={tiny_run}", f"out={tmp_path / 'v.json'}"])
+    )
     trained = load_checkpoint(tiny_run / "checkpoint.pt")["metrics"]
     assert metrics["source"].startswith("validation split")
     assert metrics["n"] == trained["n"]
@@ -120,7 +126,7 @@ def test_eval_refuses_a_class_the_model_does_not_know(tiny_run, holdout_dir, tmp
         ],
     )
     with pytest.raises(InspectError, match=r"classes \['crack'\].*unknown to the model"):
-        evaluate_run(cfg)
+        isolated(evaluate_run, cfg)
 
 
 def test_onnx_matches_torch_and_carries_metadata(exported, tiny_run, holdout_dir):

@@ -11,6 +11,7 @@ from inspect3d.data.manifest import Item, scan_folder, write_manifest
 from inspect3d.data.preprocess import Preprocess
 
 from conftest import compose, pblm_or_skip
+from isolate import isolated
 
 pytestmark = pytest.mark.real_data
 CLASSES = ("No_Defect", "Powder_Uneven", "Powder Uneven_With_Scratch")
@@ -55,9 +56,9 @@ def test_pblm_slice_trains_exports_and_scores(pblm_slice, tmp_path):
             "model.width=8",
         ],
     )
-    metrics, _ = train(cfg, tmp_path)
+    metrics, _ = isolated(train, cfg, tmp_path)
     assert metrics["n"] > 0 and set(metrics["per_class"]) == set(CLASSES)
-    export_run(compose("export", [f"run={tmp_path}", "n_check=4"]))
+    isolated(export_run, compose("export", [f"run={tmp_path}", "n_check=4"]))
     model = OnnxModel.load(tmp_path / "model.onnx")
     layer = next((pblm_or_skip() / "Powder Uneven_With_Scratch").glob("converted_ *.jpg"))
     score = model.predict(layer)

@@ -33,7 +33,7 @@ from inspect3d.data.sources import preprocess_of
 from inspect3d.data.synth import SynthConfig, render_job
 from inspect3d.train.checkpoint import model_from_config
 from inspect3d.train.dataset import MASK_STRIDE, LayerDataset
-from inspect3d.train.loop import StepTimes, autocast, train_one_epoch
+from inspect3d.train.loop import StepTimes, autocast, memory_format, train_one_epoch
 
 CLASSES = ["ok", "short_feed", "spatter", "streak", "super_elevation"]
 SETTINGS = [(0, 8), (2, 8), (0, 16), (2, 16)]  # (DataLoader workers, batch size)
@@ -58,7 +58,7 @@ def training_parts(size: int, device: torch.device):
     cfg = compose("train", [f"data.height={size}", f"data.width={size}"])
     pre = preprocess_of(cfg.data)
     model = model_from_config(OmegaConf.to_container(cfg.model), len(CLASSES), pre).to(device)
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=memory_format(device))
     optimizer = instantiate(cfg.optim)(model.parameters())
     return cfg, model, optimizer
 

@@ -129,8 +129,7 @@ def _prepare(batch, device: torch.device, aug: dict, gen: torch.Generator):
     x = x.to(device, non_blocking=True)
     mask = mask.to(device, non_blocking=True)
     x, mask = augment(x, mask, gen=gen, **aug)
-    # channels_last is faster for convolutions on CUDA and, with oneDNN, on CPU too
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = to_memory_format(x)
     return x, y.to(device, non_blocking=True), mask, known
 
 
@@ -155,9 +154,21 @@ def cell_targets(
     return cells
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA, where it is measured to help (tensor cores); contiguous on CPU.
+
+    On CPUs with AVX-512, torch 2.14.1's oneDNN backward of a narrow channels_last
+    convolution (SmallCNN width 4-8 at 128 px, batch 4) crashes the process with SIGSEGV;
+    contiguous tensors take another kernel and pass (tests/test_models.py runs the case)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def to_memory_format(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=memory_format(x.device))
+
+
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # channels_last is faster for convolutions on CUDA and, with oneDNN, on CPU too
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return to_memory_format(x.to(device, non_blocking=True))
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from inspect3d.train.checkpoint import (
     save_checkpoint,
 )
 from inspect3d.train.dataset import LayerDataset, load_layers, load_masks
-from inspect3d.train.loop import StepTimes, predict, train_one_epoch
+from inspect3d.train.loop import StepTimes, memory_format, predict, train_one_epoch
 from inspect3d.train.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class _Training:
         )
         self.amp = bool(t.amp) and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=memory_format(device))
         self.history: list[dict] = []
         self.best = (-1.0, float("inf"))
         self.start_epoch = 1
