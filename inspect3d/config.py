@@ -12,7 +12,9 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The configs ship inside the package (a wheel has them); the top-level configs/ of the repo is
+# a link to this folder, the one place users read and copy them from.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from inspect3d.errors import InspectError
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "review.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "review.yaml"
 USAGE = {
     "report": "inspect3d report state=STATE out=DIR",
     "review": "inspect3d review state=STATE [port=P host=H token=T reviewer=NAME]",
