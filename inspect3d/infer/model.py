@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,13 +21,23 @@ from inspect3d.infer.providers import GPU_PROVIDERS, check_active, resolve_provi
 class LayerScore:
     """The verdict on one layer."""
 
-    label: str
+    label: str  # arg-max over all classes (may be the normal class on a flagged layer)
     probs: dict[str, float]
     defect_score: float
     decision: str  # "defect" when defect_score >= threshold, else "ok"
     threshold: float
-    defect_map: np.ndarray = field(repr=False)  # (h, w) float32 in [0, 1]
+    defect_map: np.ndarray = field(repr=False)  # (h, w) float32, threshold at map_threshold
     path: str | None = None
+    defect_class: str = ""  # the most likely defect class: arg-max over all but the normal one
+    defect_prob: float = 0.0  # its probability
+    map_threshold: float | None = None  # where the defect map crosses the threshold
+
+    @property
+    def shown_class(self) -> tuple[str, float]:
+        """(class, probability) to name: the likeliest defect class when flagged, else the label."""
+        if self.decision == "defect" and self.defect_class:
+            return self.defect_class, self.defect_prob
+        return self.label, self.probs.get(self.label, 0.0)
 
     def to_dict(self) -> dict:
         """JSON-ready; the defect map is summarised by its peak and where it is (x, y in 0..1)."""
@@ -39,9 +50,20 @@ class LayerScore:
             "defect_score": round(self.defect_score, 6),
             "decision": self.decision,
             "threshold": round(self.threshold, 6),
+            "defect_class": self.defect_class,
+            "defect_prob": round(self.defect_prob, 6),
             "defect_map_peak": round(float(self.defect_map.max()), 6),
             "defect_map_peak_xy": [round((x + 0.5) / w, 4), round((y + 0.5) / h, 4)],
         }
+
+
+def likeliest_defect(probs: dict[str, float], normal_class: str) -> tuple[str, float]:
+    """The arg-max over the defect classes (all but ``normal_class``): (class, p), or ("", 0)."""
+    defects = {c: p for c, p in probs.items() if c != normal_class}
+    if not defects:
+        return "", 0.0
+    name = max(defects, key=defects.__getitem__)
+    return name, float(defects[name])
 
 
 def session_options(threads: int = 0, spinning: bool = True) -> ort.SessionOptions:
@@ -102,6 +124,21 @@ class OnnxModel:
         if threshold is not None:
             model.threshold = float(threshold)
         return model
+
+    @property
+    def map_threshold(self) -> float:
+        """The defect map's value at the threshold: metadata "map_threshold", else ``threshold``.
+
+        Supervised maps are 1 - P(normal) in [0, 1] and cross at the model threshold; normal-only
+        maps may be in units of the calibrated threshold (1.0 = threshold, unbounded above).
+        """
+        raw = self._map_threshold_meta
+        return raw if raw is not None else self.threshold
+
+    @functools.cached_property
+    def _map_threshold_meta(self) -> float | None:
+        raw = self.session.get_modelmeta().custom_metadata_map.get("map_threshold")
+        return None if raw is None else float(raw)
 
     @property
     def providers(self) -> list[str]:
@@ -182,14 +219,19 @@ class OnnxModel:
     def _score(self, probs: np.ndarray, defect_map: np.ndarray, path: str | None) -> LayerScore:
         classes = self.meta.classes
         defect_score = float(1.0 - probs[self.meta.normal_index])
+        named = {c: float(v) for c, v in zip(classes, probs, strict=True)}
+        defect_class, defect_prob = likeliest_defect(named, self.meta.normal_class)
         return LayerScore(
             label=classes[int(probs.argmax())],
-            probs={c: float(v) for c, v in zip(classes, probs, strict=True)},
+            probs=named,
             defect_score=defect_score,
             decision="defect" if defect_score >= self.threshold else "ok",
             threshold=self.threshold,
             defect_map=defect_map.astype(np.float32),
             path=path,
+            defect_class=defect_class,
+            defect_prob=defect_prob,
+            map_threshold=self.map_threshold,
         )
 
 
