@@ -6,6 +6,8 @@ over *groups* (jobs or layer blocks), since layers of one job are not independen
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from inspect3d.errors import InspectError
@@ -52,6 +54,23 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     sums = np.bincount(inverse, weights=ranks)
     return (sums / counts)[inverse]
+
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion k/n (sound for small n and k near 0 or n);
+    None when n is 0."""
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise InspectError(f"k={k!r} is not valid for n={n!r}: use 0 <= k <= n")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def calibrate_threshold(normal_scores: np.ndarray, target_frr: float) -> float:
@@ -163,8 +182,11 @@ def _at_threshold(score: np.ndarray, is_defect: np.ndarray, threshold: float) ->
     }
 
 
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
-    """AUROC of defect-map cells against mask cells, pooled over all cells of all layers."""
+def cell_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
+    """AUROC of defect-map grid cells against mask cells, pooled over all cells of all layers.
+
+    Not the standard pixel AUROC (that one is ``inspect3d.localisation.PixelCurves``): a cell
+    counts as defect when any mask pixel in it is, so it reads lower on thin defects."""
     return auroc(np.asarray(masks).ravel() > 0, np.asarray(maps, dtype=float).ravel())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,25 @@ from inspect3d.data.sources import load_data, load_items
 from inspect3d.data.splits import assign_groups
 from inspect3d.errors import InspectError
 from inspect3d.io import write_json_atomic, write_text_atomic
-from inspect3d.metrics import auroc, calibrate_threshold, pixel_auroc, region_recall, summarize
+from inspect3d.localisation import PEAK_RADIUS, PixelCurves, ScoreBins, peak_on_defect, resize_map
+from inspect3d.metrics import (
+    auroc,
+    calibrate_threshold,
+    cell_auroc,
+    region_recall,
+    summarize,
+    wilson_interval,
+)
 from inspect3d.models import ScoringNet
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.dataset import LayerDataset, load_layers
 from inspect3d.train.loop import autocast, resolve_device
 from inspect3d.train.plots import plot_confusion
+
+try:
+    import resource
+except ImportError:  # Windows has no getrusage
+    resource = None
 
 log = logging.getLogger(__name__)
 SPLITS = ("auto", "val", "all")
@@ -56,6 +70,7 @@ def evaluate_run(cfg: Any) -> dict:
     mask_root = (cfg.get("data") or {}).get("mask_root")
     if mask_root:
         metrics.update(mask_metrics(items, maps, Path(mask_root), ckpt.get("threshold") or 0.5))
+    metrics["peak_rss_mb"] = _peak_rss_mb()
     out = Path(cfg.out)
     write_json_atomic(out, metrics)
     _write_predictions(out.with_name(out.stem + "_predictions.csv"), items, probs, classes)
@@ -153,18 +168,64 @@ def _by_source_class(
     return out
 
 
-# --- defect masks: pixel AUROC and region recall of the defect map -------------------------
+# --- defect masks: localisation figures of the defect map ------------------------------------
+
+CELL_AUROC_NOTE = (
+    "AUROC of defect-map grid cells against 'any mask pixel in the cell', all cells pooled; "
+    "not the standard pixel AUROC (that is pixel_auroc, at each layer's own resolution)"
+)
 
 
 def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold: float) -> dict:
-    """``pixel_auroc``, ``region_recall`` and ``n_regions`` of the defect maps against masks.
+    """Localisation figures of the defect maps against defect masks.
 
     The mask of layer ``ROOT/<class>/<stem>.<ext>`` is ``mask_root/<class>/<stem>.*`` or else
     ``mask_root/<stem>.*`` (any image extension; any non-zero pixel is defect); a layer without
-    one has no defect pixels. Masks are brought to the defect-map grid by area: a cell is defect
-    when any of its pixels is. A region (8-connected component of a mask, at the mask's own
-    resolution) counts as found when the map reaches ``threshold`` in one of its cells.
+    one has no defect pixels. Each map is resized bilinearly to its layer's own image size and
+    compared pixel by pixel, one layer at a time (see ``inspect3d.localisation``):
+    ``pixel_auroc``, ``aupro_30`` (MVTec AD's per-region overlap up to 30% FPR) and
+    ``peak_on_defect``. On the defect-map grid, as before: ``cell_auroc`` (a cell is defect when
+    any of its pixels is) and ``region_recall`` (an 8-connected mask region counts as found when
+    the map reaches ``threshold`` in one of its cells).
     """
+    found = _masks_for(items, mask_root)
+    grid = maps.shape[1:]
+    curves = PixelCurves(ScoreBins.from_sample(maps))
+    cells, regions, peaks, resized = [], [], [], 0
+    layers = zip(items, maps, found, strict=True)
+    for item, dmap, path in tqdm(layers, total=len(items), desc="mask figures", leave=False):
+        size = read_image(item.path, 1).shape[:2]  # the layer's own size, as decoded for the model
+        mask, was_resized = _read_mask(path, size)
+        resized += was_resized
+        full = resize_map(dmap, size)
+        curves.add(full, mask)
+        peaks.append(None if mask is None else peak_on_defect(full, mask))
+        layer_cells, layer_regions = _mask_on_grid(mask, grid)
+        cells.append(layer_cells)
+        regions.append(layer_regions)
+    if resized:
+        log.warning("%d mask(s) differ in size from their layer: resized (nearest) to it", resized)
+    recall, n_found, n_regions = region_recall(maps, regions, threshold)
+    return {
+        "pixel_auroc": curves.pixel_auroc(),
+        "aupro_30": curves.aupro(0.3),
+        "peak_on_defect": _peak_summary(peaks),
+        "cell_auroc": cell_auroc(maps, np.stack(cells)),
+        "cell_auroc_note": CELL_AUROC_NOTE,
+        "region_recall": recall,
+        "n_regions": n_regions,
+        "n_regions_found": n_found,
+        "region_threshold": float(threshold),
+        "n_pixels": int(curves.clean.sum() + curves.defect.sum()),
+        "n_defect_pixels": int(curves.defect.sum()),
+        "n_masks": int(sum(m is not None for m in found)),
+        "n_masks_resized": int(resized),
+        "mask_root": str(mask_root),
+        "defect_map_grid": list(grid),
+    }
+
+
+def _masks_for(items: list[Item], mask_root: Path) -> list[Path | None]:
     index = _mask_index(mask_root)
     found = [_find_mask(index, it) for it in items]
     if not any(found):
@@ -172,19 +233,7 @@ def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold
             f"no mask in data.mask_root={str(mask_root)!r} matches a layer: masks need the layer's "
             f"file stem (e.g. {items[0].path.stem!r}.png), directly in it or in a class sub-folder"
         )
-    grid = maps.shape[1:]
-    cells, regions = zip(*(_mask_on_grid(m, grid) for m in found), strict=True)
-    recall, n_found, n_regions = region_recall(maps, list(regions), threshold)
-    return {
-        "pixel_auroc": pixel_auroc(maps, np.stack(cells)),
-        "region_recall": recall,
-        "n_regions": n_regions,
-        "n_regions_found": n_found,
-        "region_threshold": float(threshold),
-        "n_masks": int(sum(m is not None for m in found)),
-        "mask_root": str(mask_root),
-        "defect_map_grid": list(grid),
-    }
+    return found
 
 
 def _mask_index(mask_root: Path) -> dict[str, Path]:
@@ -205,20 +254,51 @@ def _find_mask(index: dict[str, Path], item: Item) -> Path | None:
     return index.get(f"{item.label}/{item.path.stem}") or index.get(item.path.stem)
 
 
-def _mask_on_grid(path: Path | None, grid: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Defect cells (h, w) and one boolean cell array per connected region."""
+def _read_mask(path: Path | None, size: tuple[int, int]) -> tuple[np.ndarray | None, bool]:
+    """Binary uint8 mask (1 = defect) at ``size`` (height, width), and whether it was resized."""
     if path is None:
-        return np.zeros(grid, bool), []
+        return None, False
     binary = (read_image(path, 1) > 0).astype(np.uint8)
-    n, comp = cv2.connectedComponents(binary, connectivity=8)
-    regions = [_to_grid(comp == k, grid) for k in range(1, n)]
-    return _to_grid(binary > 0, grid), regions
+    if binary.shape == tuple(size):
+        return binary, False
+    h, w = size
+    return cv2.resize(binary, (w, h), interpolation=cv2.INTER_NEAREST), True
+
+
+def _mask_on_grid(
+    mask: np.ndarray | None, grid: tuple[int, int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Defect cells (h, w) and one boolean cell array per 8-connected region of ``mask``."""
+    if mask is None:
+        return np.zeros(grid, bool), []
+    n, comp = cv2.connectedComponents(mask, connectivity=8)
+    return _to_grid(mask > 0, grid), [_to_grid(comp == k, grid) for k in range(1, n)]
 
 
 def _to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Area resize: a cell is set when any pixel in it is (area fraction > 0)."""
     h, w = grid
     return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
+
+
+def _peak_summary(peaks: list[bool | None]) -> dict:
+    """Hits, N, rate and Wilson 95% interval over the layers with defect pixels."""
+    hits, n = sum(p is True for p in peaks), sum(p is not None for p in peaks)
+    return {
+        "hits": hits,
+        "n": n,
+        "rate": hits / n if n else None,
+        "ci95": wilson_interval(hits, n),
+        "radius_px": PEAK_RADIUS,
+    }
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (None where unknown, e.g. Windows)."""
+    if resource is None:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
 def _write_predictions(
@@ -254,4 +334,26 @@ def _log_summary(m: dict, out: Path) -> None:
         ci_txt,
         auroc,
     )
-    log.info("wrote %s", out)
+    if "pixel_auroc" in m:
+        _log_mask_summary(m)
+    log.info("peak memory %s MiB; wrote %s", _fmt(m["peak_rss_mb"], ".0f"), out)
+
+
+def _log_mask_summary(m: dict) -> None:
+    peak = m["peak_on_defect"]
+    log.info(
+        "localisation over %d px, %d regions: pixel AUROC %s, AUPRO@30%%FPR %s, "
+        "map peak within %g px of a defect on %d/%d defect layers",
+        m["n_pixels"],
+        m["n_regions"],
+        _fmt(m["pixel_auroc"]),
+        _fmt(m["aupro_30"]),
+        peak["radius_px"],
+        peak["hits"],
+        peak["n"],
+    )
+    log.info("cell AUROC %s: %s", _fmt(m["cell_auroc"]), m["cell_auroc_note"])
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
