@@ -66,7 +66,8 @@ def test_summarize_reports_n_and_group_bootstrap_interval():
 
 def test_wilson_interval_known_values_and_errors():
     lo, hi = wilson_interval(0, 100)
-    assert (lo, hi) == pytest.approx((0.0, 0.0370), abs=1e-4)
+    assert lo == 0.0 and hi == pytest.approx(0.0370, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0
     lo, hi = wilson_interval(5, 10)
     assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 0) is None
