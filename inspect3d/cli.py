@@ -8,16 +8,19 @@ are Hydra config groups here). Only train/fit-normal/eval/export import torch.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
+from inspect3d import __version__
 from inspect3d.errors import InspectError
 
 log = logging.getLogger("inspect3d")
 
-USAGE = """usage: inspect3d COMMAND [ARGS...]
+USAGE = """usage: inspect3d COMMAND [ARGS...]   (inspect3d --version: the installed version)
 
 commands (the flow: synth/fetch -> train -> eval -> export -> predict):
   synth    out=DIR seed=S [n_jobs=N ...]        write synthetic powder-bed jobs
@@ -50,10 +53,14 @@ def synth_task(cfg) -> None:
 def train_task(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from inspect3d.train.run import train
+    from inspect3d.train.run import discard_failed_run, train
 
     out_dir = HydraConfig.get().runtime.output_dir
-    metrics, path = train(cfg, out_dir)
+    try:
+        metrics, path = train(cfg, out_dir)
+    except BaseException:
+        discard_failed_run(out_dir)
+        raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return float(metrics["macro_f1"])
     print(
@@ -99,6 +106,18 @@ HYDRA_TASKS: dict[str, Callable] = {
 }
 
 
+# Commands that import torch: without the training extra they say so in one line.
+TORCH_COMMANDS = ("train", "fit-normal", "eval", "export")
+SWEEP_FLAGS = ("-m", "--multirun")
+
+
+def require_torch(command: str) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise InspectError(
+            f'inspect3d {command} needs the training extra: pip install "inspect3d[train]"'
+        )
+
+
 def run_hydra(command: str, args: list[str]) -> int:
     """Run a Hydra task with ``args`` as its command line; user errors exit 2, no traceback."""
     import hydra
@@ -109,16 +128,17 @@ def run_hydra(command: str, args: list[str]) -> int:
     result: dict[str, int] = {"rc": 0}
 
     name = command.replace("-", "_")  # fit-normal -> configs/fit_normal.yaml
+    check_overrides(command, name, args)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")
     def entry(cfg):
         try:
             return task(cfg)
         except InspectError as exc:
-            log.error("%s", exc)  # into the run's log file (and the console)
+            _log_to_files(f"error: {exc}")  # the run's log file; the console gets it once, below
             print(f"error: {exc}", file=sys.stderr)
             result["rc"] = 2
-            if "-m" in args or "--multirun" in args:
+            if any(a in SWEEP_FLAGS for a in args):
                 raise
             return None
 
@@ -127,13 +147,101 @@ def run_hydra(command: str, args: list[str]) -> int:
     return result["rc"]
 
 
+def _log_to_files(message: str) -> None:
+    """``message`` into the log files of the run (Hydra's file handler), not on the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+# --- config typos: one line naming the closest key, before Hydra prints its traceback ----------
+def check_overrides(command: str, name: str, args: list[str]) -> None:
+    """Compose ``configs/<name>.yaml`` with ``args`` once; a Hydra error becomes an InspectError.
+
+    Hydra's own flags (``--cfg``, ``--help``, ...) are left to Hydra. In a sweep (``-m``) each
+    swept key is checked with its first value.
+    """
+    from hydra.errors import HydraException
+
+    if any(a.startswith("-") and a not in SWEEP_FLAGS for a in args):
+        return
+    overrides = [a for a in args if a not in SWEEP_FLAGS]
+    try:
+        overrides = _first_of_sweeps(overrides)
+        _compose(name, overrides)
+    except HydraException as exc:
+        msg = _explain(exc, command, _valid_keys(name, overrides))
+        raise InspectError(f"`inspect3d {command}`: {msg}") from None
+
+
+def _compose(name: str, overrides: list[str]):
+    from inspect3d.config import compose
+
+    return compose(name, overrides)
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        if o.is_sweep_override()
+        else text
+        for o, text in zip(parsed, overrides, strict=True)
+    ]
+
+
+def _valid_keys(name: str, overrides: list[str]) -> list[str]:
+    """The keys of the config with the user's group choices (``data=folder``) where they compose."""
+    from hydra.errors import HydraException
+
+    from inspect3d.overrides import flat_keys
+
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
+    for choice in (groups, []):
+        try:
+            return flat_keys(_compose(name, choice))
+        except HydraException:
+            continue
+    return []
+
+
+def _explain(exc: Exception, command: str, valid: list[str]) -> str:
+    """Hydra's message, shortened, with the closest key or option for a typo."""
+    from hydra.errors import OverrideParseException
+
+    from inspect3d.overrides import did_you_mean
+
+    text = str(exc)
+    if isinstance(exc, OverrideParseException):
+        return f"{text.splitlines()[0]}: use key=value (Hydra's override syntax)"
+    key = re.search(r"Could not override '([^']+)'", text)
+    if key:
+        near = did_you_mean(key.group(1), valid)
+        return f"no config key {key.group(1)!r}{near}; all keys: `inspect3d {command} --cfg job`"
+    group = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if group:
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], re.MULTILINE)
+        near = did_you_mean(group.group(2), options)  # Hydra lists the group's options
+        return f"no option {group.group(2)!r} in {group.group(1)!r}{near}: use one of {options}"
+    cause = f": {str(exc.__cause__).splitlines()[0]}" if exc.__cause__ else ""
+    return text.splitlines()[0] + cause
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"inspect3d {__version__}")
+        return 0
     command, args = argv[0], argv[1:]
     try:
+        if command in TORCH_COMMANDS:
+            require_torch(command)
         if command in HYDRA_TASKS:
             return run_hydra(command, args)
         if command == "predict":

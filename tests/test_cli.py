@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SIZE
+from conftest import SIZE, train_overrides
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -169,3 +169,99 @@ def test_script_and_cli_compose_the_same_config(tmp_path):
     assert script.returncode == 0, script.stderr
     assert script.stdout == cli("train", *args).stdout
     assert "name: resnet18" in script.stdout and "epochs: 3" in script.stdout
+
+
+# --- each command explains itself --------------------------------------------------------------
+def test_version_and_python_m():
+    from importlib.metadata import version
+
+    r = subprocess.run(
+        [sys.executable, "-m", "inspect3d", "--version"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"inspect3d {version('inspect3d')}"
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["train", "trainer.epocs=3"], "did you mean 'trainer.epochs'?"),
+        (["train", "-m", "trainer.epocs=1,2"], "did you mean 'trainer.epochs'?"),
+        (["train", "data=folder", "data.rot=x"], "did you mean 'data.root'?"),
+        (["train", "model=resnt18"], "did you mean 'resnet18'?"),
+        (["synth", "out=x", "sed=1"], "did you mean 'seed'?"),
+    ],
+)
+def test_config_typo_names_the_closest_key(args, hint, tmp_path):
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert hint in r.stderr and "Traceback" not in r.stderr and "+trainer" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_train_results_on_stdout_logs_on_stderr(synth_dir, tmp_path):
+    run = tmp_path / "run"
+    r = cli("train", *train_overrides(synth_dir, "trainer.epochs=1"), f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["checkpoint", "metrics"], r.stdout
+    assert "INFO" in r.stderr and (run / "train.log").read_text()
+
+
+def test_failed_train_leaves_no_run_folder_and_says_it_once(synth_dir, tmp_path):
+    run = tmp_path / "run"
+    r = cli(*["train", "data=folder", f"data.root={synth_dir}", "data.normal_class=OK"],
+            f"hydra.run.dir={run}")  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.count("normal_class 'OK' is not among the classes found") == 1, r.stderr
+    assert not run.exists()
+    kept = tmp_path / "kept"  # a folder with more than logs in it is not touched
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    r = cli(*["train", "data=folder", f"data.root={synth_dir}", "data.normal_class=OK"],
+            f"hydra.run.dir={kept}")  # fmt: skip
+    assert r.returncode == 2 and (kept / "notes.txt").is_file() and (kept / "train.log").is_file()
+
+
+def two_printers(root: Path, src: Path) -> list[Path]:
+    """The same layer name under two printers' job folders."""
+    out = []
+    for printer in ("a", "b"):
+        dest = root / printer / "job1" / "layer_0001.png"
+        dest.parent.mkdir(parents=True)
+        dest.write_bytes(src.read_bytes())
+        out.append(dest)
+    return out
+
+
+def test_predict_glob_jsonl_and_overlays_per_folder(exported, holdout_dir, tmp_path):
+    src = sorted((holdout_dir / "ok").glob("*.png"))[0]
+    layers = two_printers(tmp_path / "in", src)
+    ov = tmp_path / "ov"
+    r = cli("predict", str(exported), str(tmp_path / "in" / "*" / "*" / "*.png"), "--jsonl",
+            "--overlay-dir", str(ov))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]  # every stdout line is JSON
+    assert [row["path"] for row in rows] == [str(p) for p in layers]
+    assert sorted(row["overlay"] for row in rows) == [
+        str(ov / "a" / "job1" / "layer_0001.overlay.png"),
+        str(ov / "b" / "job1" / "layer_0001.overlay.png"),
+    ]
+    assert all(Path(row["overlay"]).is_file() for row in rows)
+
+    r = cli("predict", str(exported), str(tmp_path / "in" / "*.tif"))
+    assert r.returncode == 2 and f"glob '{tmp_path / 'in' / '*.tif'}' matches no files" in r.stderr
+
+
+def test_missing_provider_is_named_with_the_choices_here(exported, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    r = cli("predict", str(exported), str(tmp_path), "--provider", "cuda")
+    assert r.returncode == 2
+    assert "provider 'cuda' is not available" in r.stderr
+    assert "available here: auto, cpu" in r.stderr
+    assert "cannot load" not in r.stderr and "provider=" not in r.stderr

@@ -32,15 +32,28 @@ def resolve_providers(requested: str = "auto") -> list:
     if requested == "auto":
         gpu = [p for p in GPU_PROVIDERS if p in available]
         return [_with_options(p) for p in gpu] + [ALIASES["cpu"]]
-    if requested not in ALIASES:
-        raise InspectError(f"provider {requested!r} is not valid: use one of {PROVIDER_CHOICES}")
+    check_available(requested)
     name = ALIASES[requested]
-    if name not in available:
-        raise InspectError(
-            f"provider {requested!r} ({name}) is not available in this onnxruntime "
-            f"(available: {available}); install onnxruntime-gpu with CUDA, or use provider=cpu"
-        )
     return [name] if name == ALIASES["cpu"] else [_with_options(name), ALIASES["cpu"]]
+
+
+def available_choices() -> list[str]:
+    """The provider choices this onnxruntime can run, spelled as the commands take them."""
+    available = ort.get_available_providers()
+    return ["auto", *(alias for alias, name in ALIASES.items() if name in available)]
+
+
+def check_available(requested: str) -> None:
+    """An InspectError naming the provider and the choices here when it cannot be used."""
+    if requested not in PROVIDER_CHOICES:
+        raise InspectError(f"provider {requested!r} is not valid: use one of {PROVIDER_CHOICES}")
+    if requested == "auto" or ALIASES[requested] in ort.get_available_providers():
+        return
+    raise InspectError(
+        f"provider {requested!r} is not available: this onnxruntime has no "
+        f"{ALIASES[requested]}; available here: {', '.join(available_choices())} "
+        "(for cuda/tensorrt install onnxruntime-gpu and the CUDA libraries)"
+    )
 
 
 def _with_options(name: str) -> str | tuple[str, dict]:
@@ -58,5 +71,5 @@ def check_active(session: ort.InferenceSession, requested: str) -> None:
     if ALIASES[requested] not in active:
         raise InspectError(
             f"provider {requested!r} was requested but onnxruntime could not start it "
-            f"(active: {active}); check the CUDA/cuDNN/TensorRT libraries, or use provider=cpu"
+            f"(active: {active}); check the CUDA/cuDNN/TensorRT libraries, or use the cpu provider"
         )

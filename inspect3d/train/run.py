@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,26 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int):
         return 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def discard_failed_run(out_dir: str | Path) -> bool:
+    """Remove the folder of a run that failed before it wrote anything but logs; True if removed.
+
+    Hydra makes the run folder (``.hydra/`` and ``train.log``) before training starts. Left
+    behind after an early failure (bad data path, a crash in the first epoch), it looks like a
+    run in ``outputs/train/`` but holds no checkpoint, so it is removed rather than renamed: the
+    error is on the console, and there is nothing in the folder worth keeping. A folder holding
+    anything else (a checkpoint of an earlier epoch to resume from, files of the user's own)
+    stays as it is. Under torchrun only rank 0 removes it (the ranks share it).
+    """
+    out_dir = Path(out_dir)
+    if distributed.env_ranks()[1] != 0 or not out_dir.is_dir():  # the group is gone by now
+        return False
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in out_dir.iterdir()):
+        return False
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log.info("removed the run folder %s: the run failed before writing a checkpoint", out_dir)
+    return True
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, Path]:
