@@ -25,6 +25,10 @@ class SynthSettings:
     size: int = 512
     defect_fraction: float = 0.7
     printers: int = 2
+    frame: bool = True  # the machine frame around the plate is in view (else: plate only)
+    parts: bool = True  # fused parts on the plate, their masks in ROOT/_parts/
+    min_parts: int = 2  # parts per job: min_parts..max_parts
+    max_parts: int = 6
 
 
 @dataclass
