@@ -1,20 +1,25 @@
 """A watcher store filled by replaying synthetic jobs through the real watcher, for QA tests.
 
 The threshold is set at the median score of the replayed layers, so whatever the tiny test model
-learned, some jobs are flagged and some layers stay good. One extra job has a hostile printer
-and job name (HTML and quotes) to prove everything shown is escaped.
+learned, some jobs are flagged and some layers stay good. The replayed files get the arrival
+times (mtimes) a printer would have given them, one layer every ``LAYER_S`` seconds, as a copy
+of a printer's own files keeps them. One extra job has a hostile printer and job name (HTML and
+quotes) to prove everything shown is escaped; its files keep their copy time (all at once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from inspect3d.data.layout import natural_key
 from inspect3d.infer.model import OnnxModel
 from inspect3d.review import shop
 from inspect3d.review.server import ReviewServer
@@ -26,6 +31,17 @@ from inspect3d.watch.simulate import simulate
 HOSTILE_PRINTER = "pr\"<b onmouseover=alert('p')>'"
 HOSTILE_JOB = "job<img src=x onerror=alert('job')>"
 HOSTILE_NOTE = '</script><script>alert("note")</script> & "quotes" \'single\''
+LAYER_S = 30.0  # seconds between two layers of a printer
+
+
+def pace_layers(inbox: Path, seconds: float = LAYER_S) -> None:
+    """Give each printer's layer files one arrival time every ``seconds``, job after job."""
+    start = time.time() - 24 * 3600
+    for printer in sorted(p for p in inbox.iterdir() if p.is_dir()):
+        files = [f for job in sorted(printer.iterdir(), key=lambda p: natural_key(p.name))
+                 for f in sorted(job.glob("*.png"), key=lambda p: natural_key(p.name))]  # fmt: skip
+        for i, f in enumerate(files):
+            os.utime(f, (start + i * seconds, start + i * seconds))
 
 
 def median_threshold(model: Path, images: list[Path]) -> float:
@@ -47,6 +63,7 @@ def replay_store(data: Path, model: Path, root: Path) -> Path:
     """Replay ``data`` (from ``inspect3d synth``) as 2 printers; returns the state folder."""
     inbox, state = root / "inbox", root / "state"
     simulate(data, inbox, printers=2, rate=0, mode="direct")
+    pace_layers(inbox)
     add_hostile_job(data, inbox)
     threshold = median_threshold(model, sorted(inbox.glob("*/*/*.png")))
     cfg = WatchConfig(

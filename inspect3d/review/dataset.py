@@ -15,6 +15,7 @@ from pathlib import Path
 
 from inspect3d.data.manifest import MANIFEST_COLUMNS
 from inspect3d.errors import InspectError
+from inspect3d.infer.model import likeliest_defect
 from inspect3d.io import write_text_atomic
 from inspect3d.review import shop
 from inspect3d.review.report import when
@@ -45,12 +46,9 @@ def label_of(layer: shop.Layer, normal: str) -> str | None:
         return normal
     if decision != "confirmed_defect":
         return None
-    defects = {c: p for c, p in layer.probs.items() if c != normal}
-    if layer.review["reason"] in defects:
+    if layer.review["reason"] in layer.probs and layer.review["reason"] != normal:
         return layer.review["reason"]
-    if layer.label and layer.label != normal:
-        return layer.label
-    return max(defects, key=defects.get) if defects else layer.review["reason"]
+    return likeliest_defect(layer.probs, normal)[0] or layer.review["reason"]
 
 
 def _path_text(path: Path, base: Path) -> str:

@@ -1,9 +1,9 @@
 """``inspect3d report``: a shop summary and one self-contained HTML page per job.
 
 ``OUT/index.html`` lists jobs by printer with verdicts, reject rates, time to detect and open
-reviews; ``OUT/jobs/<job>.html`` shows why a job was flagged (score chart, the flagged layers
-with their defect maps beside the previous good layer) and links the part's layer record in
-``OUT/jobs/<job>/`` (defect-map stack and projections). Pages open offline from ``file://``.
+reviews; ``OUT/jobs/<job>.html`` shows why a job was flagged (score chart, each flagged layer
+plain and with its defect map, beside the previous good layer) and links the part's layer record
+in ``OUT/jobs/<job>/`` (defect-map stack and projections). Pages open offline from ``file://``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def environment() -> Environment:
     )
     env.globals.update(
         describe=describe, when=when, DECISIONS=DECISIONS, REASON_TEXT=REASON_TEXT,
-        VERDICT_WORDS=VERDICT_WORDS,
+        VERDICT_WORDS=VERDICT_WORDS, detect_note=detect_note,
     )  # fmt: skip
-    env.filters["minutes"] = lambda m: "-" if m is None else f"{m:.1f}"
+    env.filters["minutes"] = minutes
     return env
 
 
@@ -49,17 +49,42 @@ def when(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def minutes(m: float | None) -> str:
+    """Minutes to one decimal; below 0.1 in seconds, so a fast catch does not read 0.0."""
+    if m is None:
+        return "-"
+    return f"{m:.1f}" if m >= 0.1 else f"{m * 60:.0f} s"
+
+
 def describe(job: shop.Job) -> str:
-    """The verdict's reason in one plain sentence."""
+    """The verdict's reason in one plain sentence, naming the likeliest defect class."""
     r = job.caught
     if not r:
         return "No layer reached the threshold." if job.layers else "No layers scored."
     level = "REJECT" if "REJECT" in job.records else "WARN"
     text = f"{VERDICT_WORDS[level]} at layer {r.get('at_layer')}: {r.get('rule')}."
     if r.get("first_bad_layer") is not None:
-        text += f" First bad layer {r['first_bad_layer']}"
-        text += f", class {r['class']}." if r.get("class") else "."
+        text += f" First bad layer {r['first_bad_layer']}."
+    name, p = job.named_defect()
+    if name:
+        text += f" Likeliest defect: {name}" + (f" (p={p:.2f})." if p is not None else ".")
     return text
+
+
+def detect_note(job: shop.Job) -> str:
+    """How the time to detect was measured, for a replayed job (else empty)."""
+    if not job.replayed:
+        return ""
+    if job.time_to_detect()[1] is None and "REJECT" in job.records:
+        return (
+            "Replayed: the watcher scored this job from a backlog and its files arrived all at "
+            "once, so no printing time is known (minutes not shown)."
+        )
+    return (
+        "Replayed: the watcher scored this job from a backlog, so time to detect is measured "
+        "between the files' arrival times (mtime), from the first bad layer to the layer that "
+        "triggered the REJECT."
+    )
 
 
 def page_name(job: shop.Job) -> str:
@@ -80,6 +105,7 @@ class PrinterRow:
     ttd_layers: float | None
     ttd_minutes: float | None
     open_reviews: int
+    replayed: int = 0
 
     @property
     def reject_rate(self) -> float:
@@ -99,6 +125,7 @@ def printer_rows(s: shop.Shop) -> list[PrinterRow]:
             ttd_layers=sum(layers) / len(layers) if layers else None,
             ttd_minutes=sum(minutes) / len(minutes) if minutes else None,
             open_reviews=sum(j.open_reviews for j in jobs),
+            replayed=sum(j.replayed for j in jobs),
         ))  # fmt: skip
     return rows
 
@@ -113,27 +140,47 @@ def chart_of(job: shop.Job):
     return score_chart(points, job.threshold, marks)
 
 
+def overlay_title(job: shop.Job, x: shop.Layer) -> list[str]:
+    """The overlay's title: the layer (number and file), its score and the likeliest defect."""
+    name, p = x.named_class
+    cls = f", {name}" + (f" {p:.2f}" if p is not None else "") if name else ""
+    return [f"layer {x.layer}: {x.rel.rsplit('/', 1)[-1]}",
+            f"score {x.score:.3f} / threshold {job.threshold:.3g}{cls}"]  # fmt: skip
+
+
+def flagged_view(job: shop.Job, x: shop.Layer, thumb=None) -> dict:
+    """A flagged layer as QA sees it: previous good layer, the layer plain and with its map.
+
+    ``thumb(key, make)`` may cache the thumbnails (the review server does); default: none.
+    """
+    thumb = thumb or (lambda _key, make: make())
+    prev = job.previous_good(x)
+    have = x.image is not None
+    return {
+        "layer": x, "prev": prev, "defect": x.named_class,
+        "plain_img": thumb(("plain", x.id), lambda: images.thumbnail(x.image) if have else None),
+        "img": thumb(("map", x.id), lambda: images.thumbnail(
+            x.image, x.defect_map, job.map_scale, overlay_title(job, x)) if have else None),
+        "prev_img": thumb(("plain", prev.id), lambda: images.thumbnail(prev.image))
+        if prev is not None and prev.image is not None else None,
+    }  # fmt: skip
+
+
 def evidence(job: shop.Job, limit: int) -> list[dict]:
-    """The flagged layers (most suspicious first, up to ``limit``) with their thumbnails."""
+    """The flagged layers (most suspicious first, up to ``limit``) in layer order."""
     flagged = sorted(job.flagged, key=lambda x: -x.score)[:limit]
-    out = []
-    for x in sorted(flagged, key=lambda x: x.layer):
-        prev = job.previous_good(x)
-        out.append({
-            "layer": x, "prev": prev,
-            "img": images.thumbnail(x.image, x.defect_map) if x.image else None,
-            "prev_img": images.thumbnail(prev.image, None) if prev and prev.image else None,
-        })  # fmt: skip
-    return out
+    return [flagged_view(job, x) for x in sorted(flagged, key=lambda x: x.layer)]
 
 
 def write_job(env: Environment, job: shop.Job, out: Path, s: shop.Shop, limit: int) -> Path:
     """The job's page and its layer record."""
     name = page_name(job)
     scored = [x for x in job.layers if x.status == "scored"]
+    size = next((images.image_size(x.image) for x in scored if x.image is not None), None)
     record = images.write_record(
-        out / "jobs" / name, [x.layer for x in scored], [x.defect_map for x in scored]
-    )
+        out / "jobs" / name, [x.layer for x in scored], [x.defect_map for x in scored],
+        job.map_scale, size,
+    )  # fmt: skip
     html = env.get_template("job.html").render(
         job=job, chart=chart_of(job), evidence=evidence(job, limit), limit=limit,
         record=name if record else None, missing=sum(x.image is None for x in job.flagged),

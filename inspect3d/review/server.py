@@ -20,8 +20,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from inspect3d.errors import InspectError
-from inspect3d.review import decisions, images, shop
-from inspect3d.review.report import environment, when
+from inspect3d.review import decisions, shop
+from inspect3d.review.report import environment, flagged_view, when
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16_384
@@ -131,17 +131,7 @@ class Handler(BaseHTTPRequestHandler):
         )  # fmt: skip
 
     def _card(self, job: shop.Job, x: shop.Layer, history: list[dict]) -> dict:
-        prev = job.previous_good(x)
-        img = self.server.thumb(
-            ("map", x.id), lambda: images.thumbnail(x.image, x.defect_map) if x.image else None
-        )
-        prev_img = None
-        if prev is not None:
-            prev_img = self.server.thumb(
-                ("plain", prev.id),
-                lambda: images.thumbnail(prev.image, None) if prev.image else None,
-            )
-        return {"layer": x, "prev": prev, "img": img, "prev_img": prev_img, "history": history}
+        return {**flagged_view(job, x, self.server.thumb), "history": history}
 
     # --- POST: a decision ----------------------------------------------------------------------
     def do_POST(self) -> None:  # noqa: N802

@@ -14,11 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from inspect3d.errors import InspectError
+from inspect3d.infer.model import likeliest_defect
 from inspect3d.review.decisions import is_open
 from inspect3d.watch.journal import _safe as evidence_name
 from inspect3d.watch.store import Store, decode_map
 
 DB_NAME = "watch.db"
+# A job counts as replayed (scored from a backlog, not live) when the watcher scored its
+# layers this long after they arrived, or scored most of them together in one batch.
+BACKLOG_S = 60.0
 
 
 @dataclass
@@ -38,6 +42,16 @@ class Layer:
     image: Path | None  # None: the file has been moved or deleted since
     review: dict | None = None
     flagged: bool = False
+    scored_at: float | None = None  # when the watcher recorded it
+    defect_class: str = ""  # the likeliest defect class (arg-max over all but the normal one)
+    defect_p: float | None = None
+
+    @property
+    def named_class(self) -> tuple[str, float | None]:
+        """(class, p) to show: the likeliest defect class when known, else the model's label."""
+        if self.defect_class:
+            return self.defect_class, self.defect_p
+        return self.label or "", self.probs.get(self.label or "")
 
 
 @dataclass
@@ -55,6 +69,12 @@ class Job:
     decided_at: dict[str, float]
     threshold: float
     layers: list[Layer] = field(default_factory=list)
+    map_threshold: float | None = None  # None: the defect map crosses at ``threshold``
+
+    @property
+    def map_scale(self) -> float:
+        """The defect map's value at the threshold (the colour scale's middle)."""
+        return self.map_threshold if self.map_threshold is not None else self.threshold
 
     @property
     def caught(self) -> dict:
@@ -77,17 +97,58 @@ class Job:
     def policy(self) -> str | None:
         return next((r.get("policy") for r in self.records.values() if r.get("policy")), None)
 
+    @property
+    def replayed(self) -> bool:
+        """Scored from a backlog (a replay, or a watcher catching up), not as layers arrived."""
+        scored = [x for x in self.layers if x.status == "scored" and x.scored_at is not None]
+        if len(scored) < 2:
+            return False
+        lags = sorted(x.scored_at - x.at for x in scored if x.at is not None)
+        batches = {x.scored_at for x in scored}
+        return bool(lags and lags[len(lags) // 2] > BACKLOG_S) or len(batches) <= len(scored) / 2
+
+    @property
+    def arrival_span_s(self) -> float:
+        """Seconds between the first and the last layer's arrival (file mtimes)."""
+        times = [x.at for x in self.layers if x.at is not None]
+        return max(times) - min(times) if times else 0.0
+
     def time_to_detect(self) -> tuple[int | None, float | None]:
-        """Layers and minutes from the first bad layer's arrival to the REJECT decision."""
+        """Layers and minutes from the first bad layer's arrival to the REJECT.
+
+        Live, the REJECT is the decision's time. Replayed, that time says when the replay ran,
+        so the REJECT is the arrival (mtime) of the layer that triggered it: the printing time
+        the defect went on. Files copied all at once carry no printing time: minutes are None.
+        """
         reject = self.records.get("REJECT")
         if reject is None:
             return None, None
         first, at = reject["reason"].get("first_bad_layer"), reject["reason"].get("at_layer")
         if first is None or at is None:
             return None, None
-        onset = next((x.at for x in self.layers if x.layer == first), None)
-        minutes = None if onset is None else max(0.0, self.decided_at["REJECT"] - onset) / 60
+        onset = self._arrival(first)
+        if not self.replayed:
+            end = self.decided_at["REJECT"]
+        elif self.arrival_span_s >= len(self.layers) * 0.5:  # the files carry printing times
+            end = self._arrival(at)
+        else:
+            end = None
+        minutes = None if onset is None or end is None else max(0.0, end - onset) / 60
         return at - first, minutes
+
+    def _arrival(self, layer: int) -> float | None:
+        return next((x.at for x in self.layers if x.layer == layer), None)
+
+    def named_defect(self) -> tuple[str, float | None]:
+        """The class the verdict names: the likeliest defect of its highest-scoring layer."""
+        r = self.caught
+        layers = set(r.get("layers") or [])
+        hits = [x for x in self.flagged if x.layer in layers] or self.flagged
+        if hits:
+            name, p = max(hits, key=lambda x: x.score).named_class
+            if name:
+                return name, p
+        return r.get("class") or "", r.get("class_p")
 
     def previous_good(self, layer: Layer) -> Layer | None:
         """The last scored layer below the threshold before ``layer``: what 'normal' looked like."""
@@ -148,7 +209,11 @@ def load(store: Store) -> Shop:
             "SELECT * FROM layers WHERE job_id = ? ORDER BY layer, id", (job.id,)
         ).fetchall()
         job.layers = [_layer(r, job, state, inbox, reviews.get(r["id"])) for r in rows]
-    return Shop(state, meta, jobs)
+    s = Shop(state, meta, jobs)
+    normal = s.normal_class()
+    for x in (x for j in jobs for x in j.layers if x.probs and normal is not None):
+        x.defect_class, x.defect_p = likeliest_defect(x.probs, normal)
+    return s
 
 
 def _job(db: sqlite3.Connection, row: sqlite3.Row, meta: dict) -> Job:
@@ -158,12 +223,17 @@ def _job(db: sqlite3.Connection, row: sqlite3.Row, meta: dict) -> Job:
     records = {r["kind"]: json.loads(r["record"]) for r in rows}
     final = records.get("FINAL")
     threshold = next((r["threshold"] for r in records.values() if "threshold" in r), None)
+    map_threshold = next(
+        (r["map_threshold"] for r in records.values() if "map_threshold" in r),
+        meta.get("map_threshold"),
+    )
     return Job(
         id=row["id"], printer=row["printer"], name=row["name"], status=row["status"],
         verdict=final["verdict"] if final else row["level"], final=final is not None,
         ended_by=row["end_reason"], records=records,
         decided_at={r["kind"]: r["created_at"] for r in rows},
         threshold=float(threshold if threshold is not None else meta.get("threshold", 0.5)),
+        map_threshold=None if map_threshold is None else float(map_threshold),
     )  # fmt: skip
 
 
@@ -174,7 +244,7 @@ def _layer(row: sqlite3.Row, job: Job, state: Path, inbox: Path | None, review) 
         score=row["score"], label=row["label"],
         probs=json.loads(row["probs"]) if row["probs"] else {},
         defect_map=decode_map(row) if scored and row["map"] is not None else None,
-        at=row["mtime"] or row["done_at"], error=row["error"],
+        at=row["mtime"] or row["done_at"], scored_at=row["done_at"], error=row["error"],
         image=find_image(state, inbox, job, row["rel"]), review=review,
         flagged=scored and row["score"] >= job.threshold,
     )  # fmt: skip

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from inspect3d.errors import InspectError
 from inspect3d.infer.overlay import write_overlay
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,16 @@ def save_evidence(review: Path, record: dict, layers: list[tuple[Path, object]])
     folder = review / _safe(record["printer"]) / _safe(record["job"])
     folder.mkdir(parents=True, exist_ok=True)
     problems = []
+    map_threshold = record.get("map_threshold", record["threshold"])
     for image, defect_map in layers:
+        title = [
+            f"{record['printer']} / {record['job']} / {image.name}",
+            f"{record['verdict']} evidence, map peak {float(defect_map.max()):.3g}",
+        ]
         try:
             _link_or_copy(image, folder / image.name)
-            write_overlay(image, defect_map, folder)
-        except (OSError, ValueError) as exc:
+            write_overlay(image, defect_map, folder, map_threshold, title)
+        except (OSError, ValueError, InspectError) as exc:
             problems.append(f"evidence for {str(image)!r}: {exc}")
     return problems
 

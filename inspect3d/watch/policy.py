@@ -51,11 +51,28 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class LayerObs:
-    """One scored layer as the policy sees it."""
+    """One scored layer as the policy sees it.
+
+    ``label`` is the model's arg-max class, which can be the normal class on a layer over the
+    threshold; ``defect_class`` (with ``defect_p``) is the likeliest defect class, the one a
+    decision names.
+    """
 
     layer: int
     score: float
     label: str = ""
+    defect_class: str = ""
+    defect_p: float | None = None
+
+    @classmethod
+    def of(cls, layer: int, score) -> LayerObs:
+        """The observation of a scored layer (an ``inspect3d.infer.model.LayerScore``)."""
+        return cls(layer, score.defect_score, score.label, score.defect_class, score.defect_prob)
+
+    @property
+    def named_class(self) -> tuple[str, float | None]:
+        """(class, p) a decision names: the likeliest defect class when known, else the label."""
+        return (self.defect_class, self.defect_p) if self.defect_class else (self.label, None)
 
 
 @dataclass(frozen=True)
@@ -68,8 +85,9 @@ class Decision:
     first_bad_layer: int | None
     layers: tuple[int, ...]
     scores: tuple[float, ...]
-    label: str
+    label: str  # the class named: the likeliest defect class of the highest-scoring layer
     ewma: float
+    label_p: float | None = None  # its probability, when known
 
     def reason(self) -> dict:
         return {
@@ -79,8 +97,19 @@ class Decision:
             "layers": list(self.layers),
             "scores": [round(s, 6) for s in self.scores],
             "class": self.label,
+            "class_p": None if self.label_p is None else round(self.label_p, 6),
             "ewma": round(self.ewma, 6),
         }
+
+    def text(self) -> str:
+        """The reason in one line: 'REJECT at layer 7: 3 of the last 5 layers >= 0.08; ...'."""
+        out = f"{self.level} at layer {self.at_layer}: {self.rule}"
+        if self.first_bad_layer is not None:
+            out += f"; first bad layer {self.first_bad_layer}"
+        if self.label:
+            p = "" if self.label_p is None else f" (p={self.label_p:.2f})"
+            out += f"; likeliest defect {self.label}{p}"
+        return out
 
 
 @dataclass(frozen=True)
@@ -113,6 +142,7 @@ def step(
     if LEVELS.index(level) <= LEVELS.index(state.level):
         return new, None
     flagged = [o for o in window if o.score >= threshold] or [obs]
+    named, named_p = max(flagged, key=lambda o: o.score).named_class
     decision = Decision(
         level=level,
         rule=rule,
@@ -120,8 +150,9 @@ def step(
         first_bad_layer=first_bad,
         layers=tuple(o.layer for o in flagged),
         scores=tuple(o.score for o in flagged),
-        label=max(flagged, key=lambda o: o.score).label,
+        label=named,
         ewma=ewma,
+        label_p=named_p,
     )
     return replace(new, level=level), decision
 
