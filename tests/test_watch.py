@@ -514,3 +514,62 @@ def test_simulate_reads_a_folder_per_class_without_manifest(tmp_path, synth_dir)
     ]
     assert any(j.first_defect_layer is None for j in per_class)
     assert any(j.first_defect_layer is not None for j in per_class)
+
+
+# --- state and evidence that can be moved and read ----------------------------------------------
+def test_a_missing_inbox_is_an_error_not_created(tmp_path, exported):
+    missing = tmp_path / "no" / "such" / "inbox"
+    r = cli("watch", f"model={exported}", f"inbox={missing}", f"state={tmp_path}/s",
+            "until_idle=true")  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"inbox '{missing}'" in r.stderr and "create it first" in r.stderr
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def shop_images(state: Path) -> list[Path | None]:
+    from inspect3d.review import shop
+
+    store = shop.open_store(state)
+    try:
+        return [layer.image for job in shop.load(store).jobs for layer in job.layers]
+    finally:
+        store.close()
+
+
+def test_report_and_review_find_images_from_another_folder(tmp_path, exported, synth_dir):
+    """The watcher ran in one folder with relative paths; QA reads its state from another."""
+    shop_dir, elsewhere = tmp_path / "shop", tmp_path / "elsewhere"
+    shop_dir.mkdir()
+    elsewhere.mkdir()
+    r = cli("simulate", f"data={synth_dir}", "inbox=demo/inbox", "printers=2", "rate=0",
+            "max_jobs=2", cwd=shop_dir)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("watch", f"model={exported}", "inbox=demo/inbox", "state=demo/watch",
+            "until_idle=true", "settle_s=0", cwd=shop_dir)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    state = shop_dir / "demo" / "watch"
+    meta = json.loads(dict(db_rows(state, "SELECT key, value FROM meta"))["inbox"])
+    assert meta == str(shop_dir / "demo" / "inbox")  # stored absolute
+
+    r = cli("report", f"state={state}", f"out={elsewhere / 'report'}", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+    pages = "".join(p.read_text() for p in (elsewhere / "report").rglob("*.html"))
+    assert "is gone" not in pages
+    os.chdir(elsewhere)  # review reads the same shop: every layer's image is found
+    try:
+        images = shop_images(state)
+        assert images and all(p is not None and p.is_file() for p in images)
+        # a state written before paths were stored absolute: found from the state folder
+        with sqlite3.connect(state / "watch.db") as con:
+            con.execute("UPDATE meta SET value = ? WHERE key = 'inbox'", ('"demo/inbox"',))
+        again = shop_images(state)
+        assert again == images
+    finally:
+        os.chdir(tmp_path)
+    r = cli("review", "--help", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+
+
+def db_rows(state: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(state / "watch.db") as con:
+        return con.execute(sql).fetchall()

@@ -28,6 +28,7 @@ from pathlib import Path
 from inspect3d.data.layout import compile_inbox_pattern
 from inspect3d.errors import InspectError
 from inspect3d.infer.model import OnnxModel
+from inspect3d.infer.providers import check_available
 from inspect3d.watch import journal
 from inspect3d.watch.actions import ActionRunner
 from inspect3d.watch.config import WatchConfig
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 DB_NAME, LOG_NAME, REJECTS_NAME, LOCK_NAME = "watch.db", "watch.log", "rejects.jsonl", "watch.lock"
 INBOX_LOCK = ".inspect3d-watch.lock"
 RELOAD_REQUEST = "reload.request"
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute against the working directory now (``~`` expanded)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -72,7 +78,10 @@ class Watcher:
 
     def __init__(self, cfg: WatchConfig) -> None:
         self.cfg = cfg
-        self.inbox, self.state = Path(cfg.inbox).expanduser(), Path(cfg.state).expanduser()
+        # absolute from the start: the store keeps them, and report/review read them from any
+        # working directory (symlinks kept as typed: a mount point stays the mount point)
+        self.inbox, self.state = absolute(cfg.inbox), absolute(cfg.state)
+        self.model_path = absolute(cfg.model)
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.states: dict[int, JobState] = {}
@@ -82,28 +91,44 @@ class Watcher:
         self._health: dict = {}
 
     # --- start / stop --------------------------------------------------------------------------
-    def start(self) -> Watcher:
-        """Take the locks, open the store, load the model, replay open jobs' policy state."""
+    def start(self, create_inbox: bool = True) -> Watcher:
+        """Take the locks, open the store, load the model, replay open jobs' policy state.
+
+        ``create_inbox=False`` (``inspect3d watch``): a missing inbox is an error, so a mistyped
+        path is not watched forever; code embedding a watcher may let it create the inbox.
+        """
         self.state.mkdir(parents=True, exist_ok=True)
-        self.inbox.mkdir(parents=True, exist_ok=True)
         self._locks.append(acquire_lock(self.state / LOCK_NAME, f"state {str(self.state)!r}"))
         try:
+            self.store = Store(self.state / DB_NAME)
+            self._load_model()
+            self._open_inbox(create_inbox)
             self._locks.append(acquire_lock(self.inbox / INBOX_LOCK, f"inbox {str(self.inbox)!r}"))
             self._start_parts()
         except BaseException:
+            if hasattr(self, "store"):
+                self.store.close()
             self._release()
             raise
         return self
 
+    def _open_inbox(self, create: bool) -> None:
+        if create:
+            self.inbox.mkdir(parents=True, exist_ok=True)
+        elif not self.inbox.is_dir():
+            what = "is not a folder" if self.inbox.exists() else "does not exist"
+            raise InspectError(
+                f"inbox {str(self.cfg.inbox)!r} ({self.inbox}) {what}: give the folder the "
+                f"printers write into, or create it first (mkdir -p {self.inbox})"
+            )
+
     def _start_parts(self) -> None:
         self.pattern = compile_inbox_pattern(self.cfg.pattern)
-        self.store = Store(self.state / DB_NAME)
         self.known = self.store.known_rels()
         self.ended_dirs.update(self.store.job_dirs(None))
         self.scanner = InboxScanner(self.inbox, self.pattern, self.cfg.marker, self.cfg.settle_s)
         self.rejects = journal.RejectLog(self.state / REJECTS_NAME)
         self.actions = ActionRunner(self.cfg.actions)
-        self._load_model()
         for job in self.store.open_jobs():
             self.states[job["id"]] = replay(self.store.job_obs(job["id"]), *self._policy())[0]
         self.store.set_meta(
@@ -116,13 +141,14 @@ class Watcher:
 
     def _load_model(self) -> None:
         """(Re)load the model; the file's hash names the model on every layer it scores."""
+        check_available(self.cfg.provider)  # a missing provider is named as such
         model = OnnxModel.load(  # no spinning: an idle watcher leaves the cores alone
-            self.cfg.model, self.cfg.provider, self.cfg.policy.threshold, self.cfg.threads, False
+            self.model_path, self.cfg.provider, self.cfg.policy.threshold, self.cfg.threads, False
         )
-        sha = file_sha256(self.cfg.model)  # after load: a missing file gets the clear error above
+        sha = file_sha256(self.model_path)  # after load: a missing file gets the clear error above
         self.model, self.model_sha = model, sha
         self.store.set_meta(
-            model=str(self.cfg.model), model_sha=sha, model_name=model.meta.model_name,
+            model=str(self.model_path), model_sha=sha, model_name=model.meta.model_name,
             provider=model.providers[0], threshold=model.threshold,
             policy=self.cfg.policy.version(),
         )  # fmt: skip
@@ -257,7 +283,7 @@ class Watcher:
     def _model_info(self) -> dict:
         meta = self.model.meta
         return {
-            "path": str(self.cfg.model),
+            "path": str(self.model_path),
             "sha256": self.model_sha,
             "name": meta.model_name,
             "config_hash": meta.config_hash,
@@ -407,7 +433,7 @@ def watch(cfg: WatchConfig) -> dict:
 
     handler = attach_log_file(Path(cfg.state), cfg.log_max_bytes, cfg.log_backups)
     try:
-        watcher = Watcher(cfg).start()
+        watcher = Watcher(cfg).start(create_inbox=False)
         try:
             watcher.run()
         finally:

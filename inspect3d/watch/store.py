@@ -10,6 +10,7 @@ the rows (an outbox), so they are redone, not lost, after a crash.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -52,6 +53,23 @@ CREATE TRIGGER IF NOT EXISTS reviews_no_update BEFORE UPDATE ON reviews
 CREATE TRIGGER IF NOT EXISTS reviews_no_delete BEFORE DELETE ON reviews
   BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END;
 """
+
+
+def resolve_typed_path(typed: str, state: Path) -> Path:
+    """A path the watcher stored as typed (before it stored absolute ones), for any reader.
+
+    It was relative to the watcher's working directory, which is not recorded: the first of
+    this working directory and the folders above the state folder where it exists (a watcher
+    started in the project folder with ``inbox=outputs/demo/inbox state=outputs/demo/watch``
+    is found from the state folder). Absolute paths, and ones found nowhere, are kept.
+    """
+    path = Path(typed).expanduser()
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), *Path(os.path.abspath(state)).parents):
+        if (base / path).is_dir():
+            return base / path
+    return path
 
 
 class Store:
@@ -129,7 +147,11 @@ class Store:
         return self.db.execute(sql).fetchall()
 
     def meta(self) -> dict[str, str]:
-        return {k: v for k, v in self.db.execute("SELECT key, value FROM meta")}
+        meta = {k: v for k, v in self.db.execute("SELECT key, value FROM meta")}
+        if meta.get("inbox"):
+            inbox = resolve_typed_path(json.loads(meta["inbox"]), self.path.parent)
+            meta["inbox"] = json.dumps(str(inbox))
+        return meta
 
     # --- writes (inside ``transaction`` unless said) ------------------------------------------
     def open_job(self, printer: str, name: str, now: float) -> int:
