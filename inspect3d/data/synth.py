@@ -475,29 +475,32 @@ def _part_look(rng: _Gen) -> _PartLook:
     )
 
 
+def _circle(radius: float) -> np.ndarray:
+    return radius * np.stack([np.cos(_ANGLES), np.sin(_ANGLES)], axis=1)
+
+
 def _make_parts(rng: _Gen, size: int, box: _Rect, n: int) -> tuple[_Part, ...]:
     """``n`` parts placed without overlap, far enough inside the plate for spatter around them;
     a part that finds no free spot tries smaller, and is left out when even that fails."""
     parts: list[_Part] = []
     tries = 60
     for _ in range(n):
-        for attempt in range(tries):  # rejection sampling of a free spot
-            part = _random_part(rng, size, box, 1.0 - 0.6 * attempt / tries)
+        for attempt in range(tries):  # rejection sampling of a free spot; the shape comes after
+            part = _random_spot(rng, size, box, 1.0 - 0.6 * attempt / tries)
             if part is not None and all(_apart(part, p) for p in parts):
-                parts.append(part)
+                shape = str(rng.choice(SHAPES))
+                parts.append(replace(part, shape=shape, rings=_unit_shape(shape, rng)))
                 break
     if not parts:  # tiny plates: one disc in the middle
         x0, y0, x1, y1 = box
         center = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-        disc = (_circle(1.0),)
-        parts.append(_Part(center, 0.08 * size, disc, "disc", "prism", np.zeros(2)))
+        parts.append(_Part(center, 0.08 * size, _UNIT_DISC, "disc", "prism", np.zeros(2)))
     return tuple(parts)
 
 
-def _random_part(rng: _Gen, size: int, box: _Rect, shrink: float) -> _Part | None:
+def _random_spot(rng: _Gen, size: int, box: _Rect, shrink: float) -> _Part | None:
+    """A round part of random size, growth profile and place, or None if it does not fit."""
     radius = float(rng.uniform(0.05, 0.11) * size * shrink)
-    shape = str(rng.choice(SHAPES))
-    rings = _unit_shape(shape, rng)
     profile = str(rng.choice(_PROFILES))
     drift = rng.uniform(-0.4, 0.4, size=2) * radius if profile == "overhang" else np.zeros(2)
     margin = 1.7 * radius + 6 + np.abs(drift)
@@ -506,7 +509,10 @@ def _random_part(rng: _Gen, size: int, box: _Rect, shrink: float) -> _Part | Non
         return None
     low, high = np.array([x0, y0]) + margin, np.array([x1, y1]) - margin
     center = rng.uniform(low, high)
-    return _Part(center, radius, rings, shape, profile, drift)
+    return _Part(center, radius, _UNIT_DISC, "disc", profile, drift)
+
+
+_UNIT_DISC = (_circle(1.0),)
 
 
 def _apart(a: _Part, b: _Part) -> bool:
@@ -533,10 +539,6 @@ def _unit_shape(shape: str, rng: _Gen) -> tuple[np.ndarray, ...]:
     turn = np.array([[math.cos(phi), math.sin(phi)], [-math.sin(phi), math.cos(phi)]])
     scale = float(np.linalg.norm(rings[0], axis=1).max())
     return tuple(r @ turn / scale for r in rings)
-
-
-def _circle(radius: float) -> np.ndarray:
-    return radius * np.stack([np.cos(_ANGLES), np.sin(_ANGLES)], axis=1)
 
 
 def _densify(corners: np.ndarray) -> np.ndarray:
