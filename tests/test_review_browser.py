@@ -110,3 +110,23 @@ def test_mark_layers_by_key_and_by_click_and_see_them_stored(server, driver, sta
     wait.until(lambda d: d.find_elements("css selector", ".card.current"))
     card = driver.find_element("css selector", f'.card[data-layer-id="{two}"]')
     assert "False alarm: camera" in card.find_element("css selector", ".status").text
+
+
+def test_flagged_layer_shows_the_plain_layer_its_overlay_and_the_colour_bar(server, driver, state):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(server.url)
+    card = WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_elements("css selector", ".card.current")
+    )[0]
+    plain = card.find_element("css selector", "figure.plain img")
+    overlay = card.find_element("css selector", "figure.map img.overlay")
+    js = "return Array.from(arguments).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
+    sizes = driver.execute_script(js, plain, overlay)
+    (p_ok, p_w, p_h), (o_ok, o_w, o_h) = sizes
+    assert p_ok and o_ok and p_w > 0 and o_w == p_w  # both decoded, same layer width
+    assert o_h > p_h + 40  # the overlay carries its title above and the colour bar below
+    layer_id = int(card.get_attribute("data-layer-id"))
+    x = next(x for j in load_shop(state).jobs for x in j.layers if x.id == layer_id)
+    assert f"Layer {x.layer}" in card.text and "Likeliest defect" in card.text
+    assert x.defect_class in card.text

@@ -165,3 +165,14 @@ def test_a_missing_inbox_is_reported_not_raised(tmp_path):
     scanner = InboxScanner(tmp_path / "gone", compile_inbox_pattern(), "JOB_END", settle_s=0)
     assert scanner.poll(set()) == []
     assert "cannot list inbox" in scanner.last_error
+
+
+def test_a_reject_names_the_likeliest_defect_class_not_the_normal_arg_max():
+    # over the threshold, yet 'ok' is the arg-max: the decision names the defect class
+    layers = [LayerObs(i, 0.3, "ok", "streak", 0.21 + i / 100) for i in range(3)]
+    _, decisions = replay(layers, PolicyConfig(k=3, n=5, warn_k=1), 0.08)
+    reject = decisions[-1]
+    assert reject.level == "REJECT" and reject.label == "streak"
+    assert reject.reason()["class"] == "streak" and reject.reason()["class_p"] == 0.21
+    assert "likeliest defect streak (p=0.21)" in reject.text() and "ok" not in reject.text()
+    assert LayerObs(1, 0.3, "ok").named_class == ("ok", None)  # older rows: the label
