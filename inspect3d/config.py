@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -86,18 +87,33 @@ class NormalConfig:
     """``inspect3d fit-normal``: an anomaly model from good layers only (inspect3d.normal)."""
 
     method: str = "patchcore"  # patchcore (coreset memory bank) | gaussian (shrunk Mahalanobis)
-    grid_stride: int = 16  # input pixels per defect-map cell: 8 or 16
+    # input: native = the layers' own size, aspect kept (long side at most max_side);
+    # data = data.height x data.width
+    resolution: str = "native"
+    max_side: int = 2048
+    # region of interest (the build plate): auto = found from the good layers (the whole layer
+    # when no static frame is seen), null = all, [x0, y0, x1, y1] or [[x, y], ...] in pixels
+    # of the layer or fractions of it
+    roi: Any = "auto"
+    grid_stride: int = 8  # input pixels per defect-map cell: 8 or 16
+    smooth_px: float = 4.0  # Gaussian smoothing of the map (sigma, input pixels); 0: none
     layer_score: str = "topk"  # topk: mean of the top-k patch distances | max
     topk: int = 10
     shrinkage: float = 0.01  # gaussian: covariance shrinkage towards a scaled identity
-    bank_size: int = 1024  # patchcore: patches kept in the memory bank
-    coreset_pool: int = 20000  # patchcore: random good patches the coreset is chosen from
+    bank_size: int = 2048  # patchcore: patches kept in the memory bank
+    coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
+    # with part masks (ROOT/_parts/<layer file name>): share of the bank for part patches
+    use_parts: bool = True
+    mirror: bool = True  # the bank also holds the good layers mirrored (parts of any handedness)
+    part_share: float = 0.25
     target_frr: float = 0.01  # false-reject rate the threshold aims at
-    # out-of-fold scores of the good layers set the threshold; few, large contiguous folds make
-    # each held-out block a stretch of the build its scorer has not seen (as new layers will be)
+    # out-of-fold scores of the good layers set the threshold: one fold per job when there are
+    # 2+ jobs, else few, large contiguous folds, so each held-out block is a stretch of the
+    # build its scorer has not seen (as new layers will be)
     calib_folds: int = 3
     max_layers: int | None = None  # use at most this many good layers (evenly spaced)
-    batch_size: int = 8
+    batch_size: int = 8  # lowered automatically to fit memory_gb
+    memory_gb: float | None = None  # memory for a batch of features; default 1/4 of free RAM
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
 

@@ -51,7 +51,8 @@ def median_threshold(model: Path, images: list[Path]) -> float:
 
 def add_hostile_job(data: Path, inbox: Path, n: int = 4) -> None:
     """Copy layers of one defective job under a printer and job name full of HTML."""
-    src = sorted(p for p in data.glob("*/*.png") if p.parent.name not in ("ok", "_masks"))[:n]
+    defect_dirs = [d for d in data.iterdir() if d.is_dir() and d.name != "ok" and d.name[0] != "_"]
+    src = sorted(p for d in defect_dirs for p in d.glob("*.png"))[:n]
     folder = inbox / HOSTILE_PRINTER / HOSTILE_JOB
     folder.mkdir(parents=True)
     for i, p in enumerate(src):

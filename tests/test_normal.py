@@ -68,8 +68,9 @@ def test_export_has_supervised_outputs_and_normal_only_metadata(normal_run):
     layer = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
     score = model.predict(layer)
     assert score.decision in ("ok", "defect") and 0 <= score.defect_score <= 1
-    assert score.defect_map.shape == (SIZE // 16, SIZE // 16)
-    assert score.defect_map.min() >= 0 and score.defect_map.max() <= 1
+    assert score.defect_map.shape == (SIZE // 8, SIZE // 8)  # stride-8 map by default
+    # the map is in units of the threshold (1.0 = threshold), not squashed into [0, 1]
+    assert model.map_threshold == 1.0 and score.defect_map.min() >= 0
 
 
 def test_onnx_matches_torch_on_new_layers(normal_run, holdout_dir):

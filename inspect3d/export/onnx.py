@@ -71,6 +71,8 @@ def meta_from_checkpoint(ckpt: dict, defect_map_stride: int) -> ModelMeta:
         defect_map_stride=defect_map_stride,
         mode=ckpt.get("mode", "supervised"),
         calibration=dict(ckpt.get("calibration") or {}),
+        map_threshold=1.0 if ckpt.get("mode") == "normal_only" else None,
+        roi=ckpt["model"].get("roi"),
     )
 
 

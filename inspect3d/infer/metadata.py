@@ -15,7 +15,7 @@ from inspect3d.errors import InspectError
 FORMAT = "inspect3d-onnx/1"
 INPUT_NAME = "layers"
 OUTPUT_NAMES = ("probs", "defect_map")
-_JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs", "calibration")
+_JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs", "calibration", "roi")
 MODES = ("supervised", "normal_only")
 
 
@@ -35,6 +35,11 @@ class ModelMeta:
     # optional, added with normal-only models; older files read as supervised / {}
     mode: str = "supervised"  # supervised | normal_only (fitted on good layers only)
     calibration: dict = field(default_factory=dict)  # expected_frr, frr_ci95, n_calibration...
+    # the defect-map value that means "at the threshold": None = ``threshold`` (a supervised
+    # map in [0, 1]); 1.0 for normal-only maps, which are in units of the threshold
+    map_threshold: float | None = None
+    # region of interest, a polygon in fractions of the layer ([[x, y], ...]); None = all
+    roi: list | None = None
 
     @property
     def normal_index(self) -> int:
@@ -57,6 +62,7 @@ class ModelMeta:
             "defect_map_stride": str(self.defect_map_stride),
             "mode": self.mode,
             "calibration": self.calibration,
+            "roi": self.roi,
             "input": {
                 "name": INPUT_NAME,
                 "dtype": "uint8",
@@ -69,6 +75,8 @@ class ModelMeta:
                 "defect_map": ["batch", 1, "h/stride", "w/stride"],
             },
         }
+        if self.map_threshold is not None:
+            props["map_threshold"] = repr(float(self.map_threshold))
         return {k: json.dumps(v) if k in _JSON_KEYS else str(v) for k, v in props.items()}
 
     @classmethod
@@ -93,6 +101,12 @@ class ModelMeta:
                 defect_map_stride=int(props.get("defect_map_stride", "16")),
                 mode=props.get("mode", "supervised"),
                 calibration=json.loads(props.get("calibration", "{}")),
+                map_threshold=_float_or_none(props.get("map_threshold")),
+                roi=json.loads(props.get("roi", "null")),
             )
         except (KeyError, ValueError) as exc:
             raise InspectError(f"{source} has damaged inspect3d metadata: {exc!r}") from exc
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return None if value in (None, "", "None") else float(value)

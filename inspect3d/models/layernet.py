@@ -64,7 +64,9 @@ class LayerNet(nn.Module):
 
 
 class ScoringNet(nn.Module):
-    """What gets exported: class probabilities and a defect map in [0, 1] of shape (N, 1, h, w)."""
+    """What gets exported: class probabilities and a defect map of shape (N, 1, h, w), in [0, 1]
+    for a supervised net (1 - P(normal) per cell); a net with a ``scoring`` method gives its own
+    (a normal-only model: the map in units of its threshold)."""
 
     def __init__(self, net: LayerNet, normal_index: int = 0) -> None:
         super().__init__()
@@ -72,6 +74,8 @@ class ScoringNet(nn.Module):
         self.normal_index = normal_index
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.net, "scoring"):  # a net with its own exported outputs (normal-only)
+            return self.net.scoring(x)
         logits, logit_map = self.net(x)
         probs = torch.softmax(logits, dim=1)
         normal = torch.softmax(logit_map, dim=1)[:, self.normal_index : self.normal_index + 1]

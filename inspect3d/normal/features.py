@@ -44,6 +44,12 @@ class PatchFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the feature map for an input of ``height`` x ``width`` ("same" padding:
+        each stride-2 stage rounds up; the stride-16 grid averages 2x2 cells, rounding down)."""
+        h, w = -(-height // 8), -(-width // 8)
+        return (h // 2, w // 2) if self.grid_stride == 16 else (h, w)
+
     def train(self, mode: bool = True) -> PatchFeatures:
         return super().train(False)  # frozen: BatchNorm always uses the ImageNet statistics
 

@@ -3,26 +3,37 @@
 Two scorers of a patch feature f (both plain torch, both export to ONNX as matmuls):
 
 * ``patchcore``: distance to the nearest patch in a memory bank of good patches, the bank a
-  greedy k-centre coreset of all good patches (PatchCore, Roth et al. 2022);
+  greedy k-centre coreset of all good patches (PatchCore, Roth et al. 2022); the search runs
+  over the bank in chunks, so memory stays bounded at any bank size and layer size;
 * ``gaussian``: Mahalanobis distance to one Gaussian of all good patches, with a shrunk
   covariance (PaDiM-like, but position-independent: ~20 layers cannot fit a covariance per
   position).
 
-``NormalNet`` turns the distance map into what a supervised ``LayerNet`` returns (layer logits
-and a logit map for the classes [normal, defect]), with logit (d - t) / T for the defect class:
-``ScoringNet``'s defect score 1 - P(normal) = sigmoid((d - t) / T) is then >= 0.5 exactly where
-the distance reaches the calibrated threshold t, and eval, export and scoring need no change.
+``NormalNet`` smooths the distance map (Gaussian, as PatchCore smooths its upsampled map),
+zeroes it outside the region of interest (the build plate), and scores the layer by the mean
+of its top-k cells. For training-side code it returns what a supervised ``LayerNet`` returns
+(layer logits and a logit map for [normal, defect]); ``scoring`` gives what is exported:
+P(defect) = sigmoid((score - t) / T), >= 0.5 exactly where the layer score reaches the
+calibrated threshold t, and the defect map in units of t (1.0 = threshold, unbounded above),
+so the map keeps its order everywhere instead of saturating.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inspect3d.errors import InspectError
+from inspect3d.normal.features import PatchFeatures
+from inspect3d.normal.roi import roi_on_grid
 
 SCORERS = ("patchcore", "gaussian")
 LAYER_SCORES = ("max", "topk")
+BANK_CHUNK = 2048  # bank rows per matmul: (h*w, 2048) floats per layer at a time
 
 
 class MemoryBank(nn.Module):
@@ -40,8 +51,13 @@ class MemoryBank(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         n, c, h, w = feats.shape
         f = feats.flatten(2).transpose(1, 2)  # (N, hw, C)
-        d2 = (f * f).sum(2, keepdim=True) - 2.0 * (f @ self.bank.T) + self.bank_sq
-        nearest = d2.min(dim=2).values.clamp_min(0.0)
+        nearest = None
+        for start in range(0, self.bank.shape[0], BANK_CHUNK):
+            bank = self.bank[start : start + BANK_CHUNK]
+            d2 = self.bank_sq[start : start + BANK_CHUNK] - 2.0 * (f @ bank.T)
+            part = d2.min(dim=2).values
+            nearest = part if nearest is None else torch.minimum(nearest, part)
+        nearest = (nearest + (f * f).sum(2)).clamp_min(0.0)
         return nearest.sqrt().reshape(n, 1, h, w)
 
 
@@ -72,11 +88,28 @@ def make_scorer(kind: str, channels: int, bank_size: int) -> nn.Module:
     raise InspectError(f"normal.method={kind!r} is not valid: use one of {SCORERS}")
 
 
+def gaussian_kernel(sigma_cells: float) -> torch.Tensor:
+    """A normalised 2-D Gaussian (1, 1, k, k), k = 2 * ceil(2 sigma) + 1; [[1]] for sigma 0."""
+    if sigma_cells <= 0:
+        return torch.ones(1, 1, 1, 1)
+    r = max(1, math.ceil(2 * sigma_cells))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-(x**2) / (2 * sigma_cells**2))
+    k = g[:, None] * g[None, :]
+    return (k / k.sum())[None, None]
+
+
 class NormalNet(nn.Module):
     """uint8 layers -> (layer logits (N, 2), logit map (N, 2, h, w)) for [normal, defect]."""
 
     def __init__(
-        self, features: nn.Module, scorer: nn.Module, layer_score: str = "max", topk: int = 10
+        self,
+        features: nn.Module,
+        scorer: nn.Module,
+        layer_score: str = "max",
+        topk: int = 10,
+        smooth_cells: float = 0.0,
+        roi: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         if layer_score not in LAYER_SCORES:
@@ -88,15 +121,40 @@ class NormalNet(nn.Module):
         # calibrated distance threshold and logistic temperature (set by fit_normal)
         self.register_buffer("threshold", torch.tensor(1.0))
         self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("smooth", gaussian_kernel(smooth_cells), persistent=False)
+        # region of interest on the map grid (1 inside, 0 outside); None: the whole layer
+        roi_t = None if roi is None else torch.from_numpy(roi.astype(np.float32))[None, None]
+        self.register_buffer("roi", roi_t, persistent=False)
+
+    def distance_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Smoothed anomaly distances per patch (N, 1, h, w), 0 outside the ROI."""
+        return self.post_process(self.scorer(self.features(x)))
+
+    def post_process(self, dmap: torch.Tensor) -> torch.Tensor:
+        """Raw patch distances -> smoothed, 0 outside the ROI."""
+        k = self.smooth.shape[-1]
+        if k > 1:
+            dmap = F.conv2d(F.pad(dmap, [k // 2] * 4, mode="replicate"), self.smooth)
+        if self.roi is not None:
+            if self.roi.shape[-2:] != dmap.shape[-2:]:
+                raise InspectError(
+                    f"layer input gives a {tuple(dmap.shape[-2:])} map but the ROI was made for "
+                    f"{tuple(self.roi.shape[-2:])}: score layers at the model's input size"
+                )
+            dmap = dmap * self.roi
+        return dmap
 
     def distances(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw anomaly distances: per layer (N,) and per patch (N, 1, h, w)."""
-        dmap = self.scorer(self.features(x))
+        """Anomaly distances: per layer (N,) and per patch (N, 1, h, w)."""
+        dmap = self.distance_map(x)
+        return self.layer_distance(dmap), dmap
+
+    def layer_distance(self, dmap: torch.Tensor) -> torch.Tensor:
         flat = dmap.flatten(1)
         if self.layer_score == "max":
-            return flat.max(dim=1).values, dmap
+            return flat.max(dim=1).values
         k = min(self.topk, flat.shape[1])
-        return flat.topk(k, dim=1).values.mean(dim=1), dmap
+        return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         score, dmap = self.distances(x)
@@ -104,6 +162,12 @@ class NormalNet(nn.Module):
         zmap = (dmap - self.threshold) / self.temperature
         logits = torch.stack([torch.zeros_like(z), z], dim=1)
         return logits, torch.cat([torch.zeros_like(zmap), zmap], dim=1)
+
+    def scoring(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What is exported: probs (N, 2) and the defect map in threshold units (N, 1, h, w)."""
+        score, dmap = self.distances(x)
+        defect = torch.sigmoid((score - self.threshold) / self.temperature)
+        return torch.stack([1.0 - defect, defect], dim=1), dmap / self.threshold
 
 
 BUILDER = "inspect3d.normal.patch.build_normal_net"
@@ -114,17 +178,21 @@ def build_normal_net(
     pre,
     name: str = "efficientnet_lite0+patchcore",
     method: str = "patchcore",
-    grid_stride: int = 16,
+    grid_stride: int = 8,
     layer_score: str = "topk",
     topk: int = 10,
     bank_size: int = 1024,
     pretrained: bool = True,
+    smooth_px: float = 0.0,
+    roi: list | None = None,
 ) -> NormalNet:
-    """The network a normal-only checkpoint's ``model`` node describes (weights loaded after)."""
-    from inspect3d.normal.features import PatchFeatures
+    """The network a normal-only checkpoint's ``model`` node describes (weights loaded after).
 
+    ``roi``: the plate polygon in fractions of the layer ([[x, y], ...]), None for all of it.
+    """
     if num_classes != 2:
         raise InspectError(f"a normal-only model has 2 classes (normal, defect), not {num_classes}")
     features = PatchFeatures(pre, pretrained=pretrained, grid_stride=grid_stride)
     scorer = make_scorer(method, features.out_channels, bank_size)
-    return NormalNet(features, scorer, layer_score, topk)
+    mask = None if roi is None else roi_on_grid(roi, features.grid(pre.height, pre.width))
+    return NormalNet(features, scorer, layer_score, topk, smooth_px / grid_stride, mask)

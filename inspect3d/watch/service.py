@@ -150,7 +150,7 @@ class Watcher:
         self.store.set_meta(
             model=str(self.model_path), model_sha=sha, model_name=model.meta.model_name,
             provider=model.providers[0], threshold=model.threshold,
-            policy=self.cfg.policy.version(),
+            map_threshold=model.map_threshold, policy=self.cfg.policy.version(),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -244,7 +244,7 @@ class Watcher:
         layer = a.layer if a.layer is not None else self.store.n_layers(job_id) + 1
         self.store.insert_layer(job_id, layer, r, self.model_sha, now)
         if r.status == "scored":
-            obs = LayerObs(layer, r.score.defect_score, r.score.label)
+            obs = LayerObs.of(layer, r.score)
             self._apply_policy(job_id, a, obs, states, now)
         if job is None or job["status"] == "open":
             self.store.touch_job(job_id, now, states.get(job_id, JobState()).level)
@@ -273,6 +273,7 @@ class Watcher:
             "kind": kind, "verdict": verdict, "printer": printer, "job": job, "reason": reason,
             "model": self._model_info(),
             "policy": self.cfg.policy.version(), "threshold": self.model.threshold,
+            "map_threshold": self.model.map_threshold,
         }  # fmt: skip
         did = self.store.add_decision(job_id, kind, verdict, record, now)
         trigger = verdict if kind != "FINAL" else f"FINAL_{verdict}"
