@@ -5,6 +5,7 @@ Checks content (verdicts, reasons, rates, versions, charts, record files), not p
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -124,6 +125,28 @@ def test_job_page_has_chart_evidence_versions_and_layer_record(state, tmp_path):
         img = cv2.imread(str(folder / f"{name}.png"))
         assert img is not None and img.shape[0] > 100 and img.shape[1] >= 260  # axes, title, bar
         assert f'{page_name(job)}/{name}.png"' in page
+
+
+def test_job_page_outlines_the_roi_its_decisions_carry(state, tmp_path):
+    roi = [[0.2, 0.2], [0.8, 0.2], [0.8, 0.8], [0.2, 0.8]]
+    con = sqlite3.connect(state / "watch.db")
+    for did, record in con.execute("SELECT id, record FROM decisions").fetchall():
+        record = {**json.loads(record), "roi": roi}  # as a normal-only model's watcher writes
+        con.execute("UPDATE decisions SET record = ? WHERE id = ?", (json.dumps(record), did))
+    con.commit()
+    con.close()
+    out = tmp_path / "report"
+    build_report(state, out)
+    job = next(j for j in load_shop(state).jobs if j.records and j.flagged)
+    page = (out / "jobs" / f"{page_name(job)}.html").read_text()
+    assert "polygon of 4 points (magenta outline)" in page
+    assert "magenta line = inspected region" in page
+    overlay_uri = re.search(r'class="overlay" src="data:image/jpeg;base64,([^"]+)"', page)
+    img = cv2.imdecode(np.frombuffer(base64.b64decode(overlay_uri[1]), np.uint8), cv2.IMREAD_COLOR)
+    b, g, r = (img[..., i].astype(int) for i in range(3))
+    assert ((b > 180) & (r > 180) & (g < 90)).sum() > 50  # the magenta outline (JPEG-blurred)
+    top = cv2.imread(str(out / "jobs" / page_name(job) / "top.png"))
+    assert np.all(top == (255, 0, 255), axis=-1).sum() > 50
 
 
 def test_hostile_names_and_notes_are_escaped(state, tmp_path):

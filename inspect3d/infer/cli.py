@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = expand_paths(args.paths)
     if args.overlay_dir is not None:
         args.overlay_dirs = overlay_folders(paths, args.overlay_dir)
+        args.roi = model.meta.roi  # outlined on the overlays; None = the whole layer
     failures = 0
     for path, result in model.predict_files(paths, args.batch_size):
         if isinstance(result, InspectError):
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 def _emit(score: LayerScore, path: Path, args: argparse.Namespace) -> None:
     record = score.to_dict()
     if args.overlay_dir is not None and is_image(path):
-        record["overlay"] = str(write_score_overlay(score, args.overlay_dirs[path]))
+        folder = args.overlay_dirs[path]
+        record["overlay"] = str(write_score_overlay(score, folder, roi=args.roi))
     if args.jsonl:
         print(json.dumps(record), flush=True)
         return

@@ -2,7 +2,8 @@
 
 Thumbnails are small JPEGs as ``data:`` URIs so a report page is one self-contained file that
 opens offline and can be mailed or attached to a part's record. Defect maps are drawn with the
-product's one colour scale (``inspect3d.infer.overlay``): threshold in the middle of the bar.
+product's one colour scale (``inspect3d.infer.overlay``): threshold in the middle of the bar,
+and a model's region of interest outlined by its one ``draw_roi``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from inspect3d.infer.overlay import (
     INK,
     PAPER,
     colourise,
+    draw_roi,
     evidence_image,
     legend,
+    roi_points,
     text_width,
     title_bar,
 )
@@ -36,11 +39,12 @@ def thumbnail(
     map_threshold: float | None = None,
     title: list[str] | None = None,
     side: int = THUMB_SIDE,
+    roi=None,
 ) -> str | None:
     """A ``data:image/jpeg`` URI of the layer, None if unreadable.
 
     With ``defect_map`` (and its ``map_threshold``) the map is overlaid, with ``title`` above
-    and the colour bar below; without, the plain layer.
+    and the colour bar below, and the model's ``roi`` outlined; without, the plain layer.
     """
     try:
         grey = read_image(image, channels=1)
@@ -50,7 +54,7 @@ def thumbnail(
     grey = resize(grey, max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
     if defect_map is None or map_threshold is None:
         return jpeg_uri(grey)
-    return jpeg_uri(evidence_image(grey, defect_map, map_threshold, title or [image.name]))
+    return jpeg_uri(evidence_image(grey, defect_map, map_threshold, title or [image.name], roi))
 
 
 def image_size(image: Path | None) -> tuple[int, int] | None:
@@ -84,12 +88,14 @@ def projections(
     map_threshold: float,
     layers: list[int],
     size_px: tuple[int, int] | None = None,
+    roi=None,
 ) -> dict[str, np.ndarray]:
     """Side (layers x width: max over rows) and top (height x width: max over layers) views.
 
     Each is titled, has axes (layer numbers; x and y in pixels of the layer image when
     ``size_px`` = (height, width) is known, else in map cells) and the colour bar. The side
-    view has the first layer at the bottom, like the part on the build plate.
+    view has the first layer at the bottom, like the part on the build plate. The top view
+    (the layer's own x and y) has the model's ``roi`` outlined.
     """
     s = np.nan_to_num(stack.astype(np.float32), nan=0.0)
     h, w = s.shape[1:]
@@ -101,7 +107,7 @@ def projections(
         x_ticks, [(len(layers) - 1 - i, str(n)) for i, n in _spread(layers)],
     )  # fmt: skip
     top = Axes("Top view: max over all layers", f"x ({unit})", f"y ({unit})",
-               x_ticks, _ticks(h, px_h))  # fmt: skip
+               x_ticks, _ticks(h, px_h), roi)  # fmt: skip
     return {
         "side": side.draw(s.max(axis=1)[::-1], map_threshold),
         "top": top.draw(s.max(axis=0), map_threshold),
@@ -126,9 +132,10 @@ class Axes:
 
     LEFT, BOTTOM, TOP, RIGHT = 46, 34, 24, 12
 
-    def __init__(self, title, xlabel, ylabel, xticks, yticks) -> None:
+    def __init__(self, title, xlabel, ylabel, xticks, yticks, roi=None) -> None:
         self.title, self.xlabel, self.ylabel = title, xlabel, ylabel
         self.xticks, self.yticks = xticks, yticks  # (cell position, label)
+        self.roi = roi  # polygon in fractions of the plotted area, outlined; None: none
 
     def draw(self, values: np.ndarray, map_threshold: float) -> np.ndarray:
         rows, cols = values.shape
@@ -139,9 +146,11 @@ class Axes:
         canvas = np.full((self.TOP + heat.shape[0] + self.BOTTOM, width, 3), PAPER, np.uint8)
         x0, y0 = self.LEFT, self.TOP
         canvas[y0 : y0 + heat.shape[0], x0 : x0 + heat.shape[1]] = heat
+        draw_roi(canvas, self.roi, (x0, y0, heat.shape[1], heat.shape[0]))
         cv2.rectangle(canvas, (x0 - 1, y0 - 1), (x0 + heat.shape[1], y0 + heat.shape[0]), INK, 1)
         self._labels(canvas, (x0, y0), heat.shape[:2], (cx, cy))
-        return np.vstack([title_bar(width, [self.title]), canvas, legend(width, map_threshold)])
+        key = legend(width, map_threshold, roi=roi_points(self.roi) is not None)
+        return np.vstack([title_bar(width, [self.title]), canvas, key])
 
     def _labels(self, img, origin, shape, cell) -> None:
         (x0, y0), (hh, ww), (cx, cy) = origin, shape, cell
@@ -168,8 +177,10 @@ def write_record(
     maps: list[np.ndarray | None],
     map_threshold: float,
     size_px: tuple[int, int] | None = None,
+    roi=None,
 ) -> list[Path]:
-    """The part's layer record: ``defect_maps.npy``, ``layers.txt`` and ``side.png``/``top.png``."""
+    """The part's layer record: ``defect_maps.npy``, ``layers.txt`` and ``side.png``/``top.png``
+    (the top view with the model's ``roi`` outlined)."""
     stack = map_stack(maps)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "defect_maps.npy", "wb") as f:
@@ -178,7 +189,7 @@ def write_record(
     out.append(
         write_bytes_atomic(folder / "layers.txt", "".join(f"{n}\n" for n in layers).encode())
     )
-    for name, img in projections(stack, map_threshold, layers, size_px).items():
+    for name, img in projections(stack, map_threshold, layers, size_px, roi).items():
         ok, png = cv2.imencode(".png", img)
         if ok:
             out.append(write_bytes_atomic(folder / f"{name}.png", png.tobytes()))

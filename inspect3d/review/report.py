@@ -140,6 +140,13 @@ def chart_of(job: shop.Job):
     return score_chart(points, job.threshold, marks)
 
 
+def job_roi(job: shop.Job, meta: dict | None = None) -> list | None:
+    """The region of interest of the model that scored ``job`` (a polygon in fractions of the
+    layer), from its decisions, else from the watcher's ``meta``; None = the whole layer."""
+    rois = [r["roi"] for r in job.records.values() if "roi" in r]  # None there: whole layer
+    return rois[0] if rois else (meta or {}).get("roi")
+
+
 def overlay_title(job: shop.Job, x: shop.Layer) -> list[str]:
     """The overlay's title: the layer (number and file), its score and the likeliest defect."""
     name, p = x.named_class
@@ -148,28 +155,31 @@ def overlay_title(job: shop.Job, x: shop.Layer) -> list[str]:
             f"score {x.score:.3f} / threshold {job.threshold:.3g}{cls}"]  # fmt: skip
 
 
-def flagged_view(job: shop.Job, x: shop.Layer, thumb=None) -> dict:
-    """A flagged layer as QA sees it: previous good layer, the layer plain and with its map.
+def flagged_view(job: shop.Job, x: shop.Layer, thumb=None, meta: dict | None = None) -> dict:
+    """A flagged layer as QA sees it: previous good layer, the layer plain and with its map
+    (the model's region of interest outlined; ``meta``: the watcher's, for jobs not decided yet).
 
     ``thumb(key, make)`` may cache the thumbnails (the review server does); default: none.
     """
     thumb = thumb or (lambda _key, make: make())
     prev = job.previous_good(x)
     have = x.image is not None
+    roi = job_roi(job, meta)
+    title = overlay_title(job, x)
     return {
-        "layer": x, "prev": prev, "defect": x.named_class,
+        "layer": x, "prev": prev, "defect": x.named_class, "roi": roi,
         "plain_img": thumb(("plain", x.id), lambda: images.thumbnail(x.image) if have else None),
         "img": thumb(("map", x.id), lambda: images.thumbnail(
-            x.image, x.defect_map, job.map_scale, overlay_title(job, x)) if have else None),
+            x.image, x.defect_map, job.map_scale, title, roi=roi) if have else None),
         "prev_img": thumb(("plain", prev.id), lambda: images.thumbnail(prev.image))
         if prev is not None and prev.image is not None else None,
     }  # fmt: skip
 
 
-def evidence(job: shop.Job, limit: int) -> list[dict]:
+def evidence(job: shop.Job, limit: int, meta: dict | None = None) -> list[dict]:
     """The flagged layers (most suspicious first, up to ``limit``) in layer order."""
     flagged = sorted(job.flagged, key=lambda x: -x.score)[:limit]
-    return [flagged_view(job, x) for x in sorted(flagged, key=lambda x: x.layer)]
+    return [flagged_view(job, x, meta=meta) for x in sorted(flagged, key=lambda x: x.layer)]
 
 
 def write_job(env: Environment, job: shop.Job, out: Path, s: shop.Shop, limit: int) -> Path:
@@ -177,12 +187,13 @@ def write_job(env: Environment, job: shop.Job, out: Path, s: shop.Shop, limit: i
     name = page_name(job)
     scored = [x for x in job.layers if x.status == "scored"]
     size = next((images.image_size(x.image) for x in scored if x.image is not None), None)
+    roi = job_roi(job, s.meta)
     record = images.write_record(
         out / "jobs" / name, [x.layer for x in scored], [x.defect_map for x in scored],
-        job.map_scale, size,
+        job.map_scale, size, roi,
     )  # fmt: skip
     html = env.get_template("job.html").render(
-        job=job, chart=chart_of(job), evidence=evidence(job, limit), limit=limit,
+        job=job, chart=chart_of(job), evidence=evidence(job, limit, s.meta), limit=limit, roi=roi,
         record=name if record else None, missing=sum(x.image is None for x in job.flagged),
         failed=[x for x in job.layers if x.status == "failed"],
         ttd=job.time_to_detect(), meta=s.meta, generated=when(time.time()),

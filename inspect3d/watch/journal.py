@@ -88,6 +88,7 @@ def save_evidence(review: Path, record: dict, layers: list[tuple[Path, object]])
     folder.mkdir(parents=True, exist_ok=True)
     problems = []
     map_threshold = record.get("map_threshold", record["threshold"])
+    roi = record.get("roi")  # the model's region of interest, outlined; None = whole layer
     for image, defect_map in layers:
         title = [
             f"{record['printer']} / {record['job']} / {image.name}",
@@ -95,7 +96,7 @@ def save_evidence(review: Path, record: dict, layers: list[tuple[Path, object]])
         ]
         try:
             _link_or_copy(image, folder / image.name)
-            write_overlay(image, defect_map, folder, map_threshold, title)
+            write_overlay(image, defect_map, folder, map_threshold, title, roi=roi)
         except (OSError, ValueError, InspectError) as exc:
             problems.append(f"evidence for {str(image)!r}: {exc}")
     return problems

@@ -150,7 +150,8 @@ class Watcher:
         self.store.set_meta(
             model=str(self.model_path), model_sha=sha, model_name=model.meta.model_name,
             provider=model.providers[0], threshold=model.threshold,
-            map_threshold=model.map_threshold, policy=self.cfg.policy.version(),
+            map_threshold=model.map_threshold, roi=model.meta.roi,
+            policy=self.cfg.policy.version(),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -273,7 +274,7 @@ class Watcher:
             "kind": kind, "verdict": verdict, "printer": printer, "job": job, "reason": reason,
             "model": self._model_info(),
             "policy": self.cfg.policy.version(), "threshold": self.model.threshold,
-            "map_threshold": self.model.map_threshold,
+            "map_threshold": self.model.map_threshold, "roi": self.model.meta.roi,
         }  # fmt: skip
         did = self.store.add_decision(job_id, kind, verdict, record, now)
         trigger = verdict if kind != "FINAL" else f"FINAL_{verdict}"
