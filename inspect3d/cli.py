@@ -86,8 +86,23 @@ def eval_task(cfg) -> None:
     m = evaluate_run(cfg)
     print(
         f"eval: N={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f} "
-        f"auroc={m['auroc'] if m['auroc'] is None else round(m['auroc'], 3)} -> {cfg.out}"
+        f"auroc={_rounded(m['auroc'])}{localisation_text(m)} -> {cfg.out}"
     )
+
+
+def localisation_text(m: dict) -> str:
+    """`` pixel_auroc=… aupro_30=… peak_on_defect=k/N`` when eval had masks, else ''."""
+    if "pixel_auroc" not in m:
+        return ""
+    peak = m["peak_on_defect"]
+    return (
+        f" pixel_auroc={_rounded(m['pixel_auroc'])} aupro_30={_rounded(m['aupro_30'])}"
+        f" peak_on_defect={peak['hits']}/{peak['n']}"
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    return value if value is None else round(value, 3)
 
 
 def export_task(cfg) -> None:

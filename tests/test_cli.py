@@ -124,6 +124,15 @@ def test_missing_normal_class(synth_dir, tmp_path):
     assert "normal_class 'OK' is not among the classes found" in r.stderr
 
 
+def test_eval_line_has_the_localisation_figures_only_with_masks():
+    from inspect3d.cli import localisation_text
+
+    assert localisation_text({"n": 3, "auroc": 0.9}) == ""
+    peak = {"hits": 7, "n": 9, "rate": 7 / 9, "ci95": [0.45, 0.94]}
+    m = {"pixel_auroc": 0.91234, "aupro_30": 0.4567, "peak_on_defect": peak, "cell_auroc": 0.8}
+    assert localisation_text(m) == " pixel_auroc=0.912 aupro_30=0.457 peak_on_defect=7/9"
+
+
 def test_scoring_path_imports_no_torch():
     """predict, watch, status, simulate run on onnxruntime + OpenCV + numpy alone."""
     code = (
