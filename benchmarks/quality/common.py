@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from inspect3d.io import write_json_atomic, write_text_atomic
-from inspect3d.metrics import summarize
+from inspect3d.metrics import summarize, wilson_interval
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = Path(os.environ.get("INSPECT3D_SHARED", REPO.parent / "shared" / "datasets"))
@@ -28,7 +27,6 @@ RESULTS = REPO / "docs" / "quality"
 IMG = REPO / "docs" / "img"
 WORK = REPO / "outputs" / "quality"
 SEED = 0
-Z95 = 1.959964
 
 
 def machine() -> dict:
@@ -109,14 +107,8 @@ def train_and_predict(cfg, out_dir: Path) -> tuple[np.ndarray, dict]:
 
 
 def wilson(k: int, n: int) -> tuple[float, float] | None:
-    """95% Wilson score interval of a proportion k/n (good for small n and k near 0 or n)."""
-    if n <= 0:
-        return None
-    p = k / n
-    denom = 1 + Z95**2 / n
-    centre = (p + Z95**2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """95% Wilson score interval of k/n, None when n is 0: the product's ``wilson_interval``."""
+    return wilson_interval(k, n)
 
 
 def mean_sd(values: list[float | None]) -> tuple[float | None, float | None, int]:
