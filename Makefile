@@ -27,6 +27,7 @@ bench: $(STAMP)  # speed benchmarks (benchmarks/speed/), each rewrites its secti
 	$(BIN)/python benchmarks/speed/infer_latency.py
 	$(BIN)/python benchmarks/speed/int8.py
 	$(BIN)/python benchmarks/speed/train_throughput.py
+	$(BIN)/python benchmarks/speed/normal_scoring.py
 
 clean:
 	rm -rf outputs .pytest_cache
