@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from inspect3d import __version__
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
-from inspect3d.infer.metadata import INPUT_NAME, OUTPUT_NAMES, ModelMeta
+from inspect3d.infer.metadata import INPUT_NAME, OUTPUT_NAMES, PARTS_INPUT, ModelMeta
 from inspect3d.io import atomic_path
 from inspect3d.models import ScoringNet
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -52,7 +52,7 @@ def export_run(cfg: Any) -> list[Path]:
 def map_stride(net: ScoringNet, layer: np.ndarray) -> int:
     """Input pixels per defect-map cell, read off the network's own output."""
     with torch.inference_mode():
-        _, defect_map = net(torch.from_numpy(layer))
+        _, defect_map = net(*example_inputs(net, layer))
     return layer.shape[-2] // defect_map.shape[-2]
 
 
@@ -138,17 +138,40 @@ def export_onnx(
     return out
 
 
+def part_grid(net: ScoringNet, layers: np.ndarray) -> tuple[int, int] | None:
+    """The map grid (h, w) of a normal-only net with a part memory (its second input, the
+    layer's part cells); None for nets with one input."""
+    inner = net.net
+    if getattr(inner, "part_scorer", None) is None:
+        return None
+    return inner.features.grid(*layers.shape[-2:])
+
+
+def example_inputs(net: ScoringNet, layers: np.ndarray, cells: bool = False) -> tuple:
+    """The network's inputs for ``layers``: (layers,) or (layers, part cells), the part cells
+    zero (no part mask) or, with ``cells``, a fixed pattern that exercises both branches."""
+    x = torch.from_numpy(layers)
+    grid = part_grid(net, layers)
+    if grid is None:
+        return (x,)
+    part = torch.zeros(len(layers), 1, *grid)
+    if cells:
+        part[..., ::3, ::2] = 1.0
+    return (x, part)
+
+
 def _torch_export(net: ScoringNet, layers: np.ndarray, path: Path, opset: int) -> None:
-    example = torch.from_numpy(np.repeat(layers[:1], 2, axis=0))
+    example = example_inputs(net, np.repeat(layers[:1], 2, axis=0))
     batch = torch.export.Dim("batch", min=1, max=4096)
+    names = [INPUT_NAME, PARTS_INPUT][: len(example)]
     torch.onnx.export(
         net,
-        (example,),
+        example,
         str(path),
-        input_names=[INPUT_NAME],
+        input_names=names,
         output_names=list(OUTPUT_NAMES),
         opset_version=opset,
-        dynamic_shapes=({0: batch},),
+        dynamic_shapes=tuple({0: batch} for _ in example),
         dynamo=True,
         external_data=False,
         verbose=False,
@@ -166,23 +189,20 @@ def _stamp(path: Path, meta: ModelMeta) -> None:
 
 
 def verify(net: ScoringNet, path: Path, layers: np.ndarray, tolerance: float) -> dict:
-    """Run torch and onnxruntime (CPU) on the same layers, batch 1 and batch N; compare."""
+    """Run torch and onnxruntime (CPU) on the same layers, batch 1 and batch N; compare (for
+    a net with a part input: without part cells and with a pattern of them)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cases = [example_inputs(net, layers)]
+    if part_grid(net, layers) is not None:
+        cases.append(example_inputs(net, layers, cells=True))
+    diffs: dict[str, float] = {}
+    for inputs in cases:
+        for name, diff in _differences(net, session, inputs).items():
+            diffs[name] = max(diffs.get(name, 0.0), diff)
     with torch.inference_mode():
-        ref = [t.numpy() for t in net(torch.from_numpy(layers))]
-    batched = session.run(None, {INPUT_NAME: layers})
-    single = [
-        np.concatenate(o)
-        for o in zip(
-            *(session.run(None, {INPUT_NAME: layers[i : i + 1]}) for i in range(len(layers))),
-            strict=True,
-        )
-    ]
-    diffs = {
-        name: max(float(np.abs(r - b).max()), float(np.abs(r - s).max()))
-        for name, r, b, s in zip(OUTPUT_NAMES, ref, batched, single, strict=True)
-    }
-    same_class = float((ref[0].argmax(1) == batched[0].argmax(1)).mean())
+        ref = net(*cases[0])[0].numpy()
+    onnx_probs = session.run(None, _feeds(cases[0]))[0]
+    same_class = float((ref.argmax(1) == onnx_probs.argmax(1)).mean())
     report = ", ".join(f"max |torch - onnxruntime| {k} = {v:.2e}" for k, v in diffs.items())
     print(
         f"parity check on {len(layers)} layers (batch 1 and {len(layers)}): {report}; "
@@ -195,3 +215,26 @@ def verify(net: ScoringNet, path: Path, layers: np.ndarray, tolerance: float) ->
             f"tolerance {tolerance:.1e}; the model was not written"
         )
     return {**diffs, "same_class": same_class}
+
+
+def _feeds(inputs: tuple) -> dict[str, np.ndarray]:
+    names = (INPUT_NAME, PARTS_INPUT)
+    return {name: t.numpy() for name, t in zip(names, inputs, strict=False)}
+
+
+def _differences(net: ScoringNet, session, inputs: tuple) -> dict[str, float]:
+    with torch.inference_mode():
+        ref = [t.numpy() for t in net(*inputs)]
+    batched = session.run(None, _feeds(inputs))
+    n = len(inputs[0])
+    single = [
+        np.concatenate(o)
+        for o in zip(
+            *(session.run(None, _feeds(tuple(t[i : i + 1] for t in inputs))) for i in range(n)),
+            strict=True,
+        )
+    ]
+    return {
+        name: max(float(np.abs(r - b).max()), float(np.abs(r - s).max()))
+        for name, r, b, s in zip(OUTPUT_NAMES, ref, batched, single, strict=True)
+    }

@@ -48,6 +48,13 @@ def parser() -> argparse.ArgumentParser:
         help="write a defect-map overlay PNG per layer into this folder, in the layers' "
         "subfolders below their common folder (a/x.png and b/x.png do not collide)",
     )
+    p.add_argument(
+        "--parts",
+        type=Path,
+        default=None,
+        help="folder of part masks named like the layers (white = part; CAD slices), used by "
+        "normal-only models fitted with part masks",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     return p
 
@@ -104,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overlay_dirs = overlay_folders(paths, args.overlay_dir)
         args.roi = model.meta.roi  # outlined on the overlays; None = the whole layer
     failures = 0
-    for path, result in model.predict_files(paths, args.batch_size):
+    if args.parts is not None and not args.parts.is_dir():
+        raise InspectError(f"--parts {str(args.parts)!r} is not a folder of part masks")
+    for path, result in model.predict_files(paths, args.batch_size, parts_dir=args.parts):
         if isinstance(result, InspectError):
             failures += _report_error(path, str(result), args)
         else:

@@ -14,6 +14,8 @@ from inspect3d.errors import InspectError
 
 FORMAT = "inspect3d-onnx/1"
 INPUT_NAME = "layers"
+# second input of normal-only models fitted with part masks: part cells (N, 1, h, w), 1 = part
+PARTS_INPUT = "part_cells"
 OUTPUT_NAMES = ("probs", "defect_map")
 _JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs", "calibration", "roi")
 MODES = ("supervised", "normal_only")

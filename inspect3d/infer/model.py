@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from inspect3d.data.parts import part_cells, read_part_mask
 from inspect3d.errors import InspectError
-from inspect3d.infer.metadata import INPUT_NAME, ModelMeta
+from inspect3d.infer.metadata import INPUT_NAME, PARTS_INPUT, ModelMeta
 from inspect3d.infer.providers import GPU_PROVIDERS, check_active, resolve_providers
 
 
@@ -97,6 +98,9 @@ class OnnxModel:
         self.pre = meta.preprocess
         self.threshold = meta.threshold
         self.output_names = [o.name for o in session.get_outputs()]
+        # normal-only models fitted with part masks take the layer's part cells as well
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.part_grid = tuple(inputs[PARTS_INPUT].shape[2:]) if PARTS_INPUT in inputs else None
         # On a GPU, I/O binding hands onnxruntime the uint8 batch and host output buffers
         # directly: one upload of 1 byte/pixel, normalisation on the device, no staging copies.
         self.io_binding = any(p in GPU_PROVIDERS for p in session.get_providers())
@@ -144,47 +148,85 @@ class OnnxModel:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw outputs for a preprocessed uint8 batch (N, C, H, W): probs, defect maps."""
+    def run(
+        self, batch: np.ndarray, part_cells: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw outputs for a preprocessed uint8 batch (N, C, H, W): probs, defect maps.
+        ``part_cells`` (N, 1, h, w): for a model with a part input (see ``cells_of``)."""
+        feeds = {INPUT_NAME: batch}
+        if self.part_grid is not None:
+            feeds[PARTS_INPUT] = (
+                np.zeros((len(batch), 1, *self.part_grid), np.float32)
+                if part_cells is None
+                else np.ascontiguousarray(part_cells, dtype=np.float32)
+            )
         if self.io_binding:
-            return self._run_bound(batch)
-        probs, maps = self.session.run(None, {INPUT_NAME: batch})
+            return self._run_bound(feeds)
+        probs, maps = self.session.run(None, feeds)
         return probs, maps
 
-    def _run_bound(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cells_of(self, masks: list[np.ndarray | str | Path | None]) -> np.ndarray | None:
+        """Part cells (N, 1, h, w) of the model's map grid from part masks (bool arrays at the
+        layer's size, or mask files; None: no mask for that layer). None for models without a
+        part input."""
+        if self.part_grid is None:
+            return None
+        cells = np.zeros((len(masks), 1, *self.part_grid), np.float32)
+        for i, mask in enumerate(masks):
+            if mask is not None:
+                m = read_part_mask(mask) if isinstance(mask, str | Path) else np.asarray(mask)
+                cells[i, 0] = part_cells(m > 0, self.part_grid)
+        return cells
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(batch))
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         probs, maps = binding.copy_outputs_to_cpu()
         return probs, maps
 
-    def predict(self, layer: np.ndarray | str | Path) -> LayerScore:
-        """Score one layer: a decoded image (H, W[, 3]) or an image file path."""
-        return self.predict_batch([layer])[0]
+    def predict(
+        self, layer: np.ndarray | str | Path, parts: np.ndarray | str | Path | None = None
+    ) -> LayerScore:
+        """Score one layer: a decoded image (H, W[, 3]) or an image file path; ``parts``: its
+        part mask (array or file, white = part), used by models fitted with part masks."""
+        return self.predict_batch([layer], None if parts is None else [parts])[0]
 
-    def predict_batch(self, layers: list[np.ndarray | str | Path]) -> list[LayerScore]:
+    def predict_batch(
+        self, layers: list[np.ndarray | str | Path], parts: list | None = None
+    ) -> list[LayerScore]:
         batch = np.stack([self._prepare(x) for x in layers])
+        cells = None if parts is None else self.cells_of(parts)
         return self.score_inputs(
-            batch, [str(x) if isinstance(x, str | Path) else None for x in layers]
+            batch, [str(x) if isinstance(x, str | Path) else None for x in layers], cells
         )
 
     def score_inputs(
-        self, batch: np.ndarray, paths: list[str | None] | None = None
+        self,
+        batch: np.ndarray,
+        paths: list[str | None] | None = None,
+        part_cells: np.ndarray | None = None,
     ) -> list[LayerScore]:
         """Scores for model inputs already preprocessed (uint8 (N, C, H, W), see ``pre``)."""
-        probs, maps = self.run(batch)
+        probs, maps = self.run(batch, part_cells)
         paths = paths or [None] * len(batch)
         return [self._score(p, m[0], path) for p, m, path in zip(probs, maps, paths, strict=True)]
 
     def predict_files(
-        self, paths: Iterable[str | Path], batch_size: int = 8, workers: int | None = None
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int = 8,
+        workers: int | None = None,
+        parts_dir: Path | None = None,
     ) -> Iterator[tuple[Path, LayerScore | InspectError]]:
         """Score files in batches, decoding the next batch while onnxruntime runs this one.
 
         OpenCV's decoder and onnxruntime both release the GIL, so threads overlap them. A file
         that cannot be read yields its error in place of a score; the others still count.
+        ``parts_dir``: part masks named like the layers, for a model with a part input.
         """
         chunks = _chunks([Path(p) for p in paths], max(1, batch_size))
         workers = workers or min(4, os.cpu_count() or 1)
@@ -192,14 +234,14 @@ class OnnxModel:
             pending = self._decode_chunk(pool, next(chunks, []))
             for chunk in chunks:
                 ready, pending = pending, self._decode_chunk(pool, chunk)
-                yield from self._score_decoded(ready)
-            yield from self._score_decoded(pending)
+                yield from self._score_decoded(ready, parts_dir)
+            yield from self._score_decoded(pending, parts_dir)
 
     def _decode_chunk(self, pool: ThreadPoolExecutor, paths: list[Path]) -> list[tuple]:
         return [(p, pool.submit(self.pre.load, p)) for p in paths]
 
     def _score_decoded(
-        self, decoded: list[tuple[Path, Future]]
+        self, decoded: list[tuple[Path, Future]], parts_dir: Path | None = None
     ) -> Iterator[tuple[Path, LayerScore | InspectError]]:
         good, out = [], {}
         for path, future in decoded:
@@ -208,10 +250,17 @@ class OnnxModel:
             except InspectError as exc:
                 out[path] = exc
         if good:
-            scores = self.score_inputs(np.stack([x for _, x in good]), [str(p) for p, _ in good])
+            cells = self._cells_for([p for p, _ in good], parts_dir)
+            batch = np.stack([x for _, x in good])
+            scores = self.score_inputs(batch, [str(p) for p, _ in good], cells)
             out.update({path: score for (path, _), score in zip(good, scores, strict=True)})
         for path, _ in decoded:
             yield path, out[path]
+
+    def _cells_for(self, paths: list[Path], folder: Path | None) -> np.ndarray | None:
+        if folder is None or self.part_grid is None:
+            return None
+        return self.cells_of([m if (m := folder / p.name).is_file() else None for p in paths])
 
     def _prepare(self, layer: np.ndarray | str | Path) -> np.ndarray:
         return self.pre.load(layer) if isinstance(layer, str | Path) else self.pre(layer)

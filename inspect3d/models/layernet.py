@@ -73,9 +73,11 @@ class ScoringNet(nn.Module):
         self.net = net
         self.normal_index = normal_index
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, part_cells: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self.net, "scoring"):  # a net with its own exported outputs (normal-only)
-            return self.net.scoring(x)
+            return self.net.scoring(x, part_cells)
         logits, logit_map = self.net(x)
         probs = torch.softmax(logits, dim=1)
         normal = torch.softmax(logit_map, dim=1)[:, self.normal_index : self.normal_index + 1]

@@ -27,13 +27,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from inspect3d.data.manifest import Item
+from inspect3d.data.parts import PARTS_DIR, part_cells, read_part_mask
 from inspect3d.data.preprocess import Preprocess, image_size, read_image
 from inspect3d.data.sources import load_items, preprocess_of
 from inspect3d.errors import InspectError
@@ -69,21 +69,23 @@ def fit_normal(cfg: Any, out_dir: str | Path) -> tuple[str, Path]:
     pre = input_preprocess(cfg.data, nc, native)
     images = load_layers(items, pre, nc.progress)
     roi = resolve_roi(nc.roi, images, native)
-    net = build_normal_net(2, pre, **_model_node(cfg, roi))
+    parts = part_masks(items, cfg.data, native) if nc.use_parts else None
+    node = _model_node(cfg, roi, part_bank_size(nc, parts))
+    net = build_normal_net(2, pre, **node)
     device = resolve_device(nc.device)
     batch = batch_size_for(pre, nc)
-    cells = cell_weights(net, items, cfg.data, net.features.grid(*pre.size), native, nc.use_parts)
+    cells = cell_weights(net, parts, len(items), net.features.grid(*pre.size))
     views = [
         (extract(net, _mirror(images, f), batch, device, nc.progress), _mirror(cells, f))
         for f in (MIRRORS if nc.mirror else MIRRORS[:1])
     ]
     folds = calibration_folds(items, images, nc.calib_folds)
     oof = out_of_fold_scores(net, views, folds, nc, cfg.seed)
-    fit_scorer(net.scorer, *_stack(views, slice(None)), nc, cfg.seed)
+    fit_banks(net, *_stack(views, slice(None)), nc, cfg.seed)
     calib = calibrate(net, oof, nc.target_frr)
     peak = peak_rss_mb()
     log.info("fit-normal peak memory %.0f MB", peak)
-    path = _save(cfg, out_dir, net, pre, items, oof, folds, calib, roi, cells, peak)
+    path = _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak)
     return _summary(calib, len(items)), path
 
 
@@ -110,7 +112,14 @@ def _check_settings(cfg: Any) -> None:
         )
 
 
-def _model_node(cfg: Any, roi: list | None) -> dict:
+def part_bank_size(nc: Any, parts: list | None) -> int:
+    """Rows of the part memory: ``normal.part_share`` of the bank when part masks are given."""
+    if parts is None or nc.method != "patchcore":
+        return 0
+    return max(1, round(nc.bank_size * nc.part_share))
+
+
+def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
     nc = cfg.normal
     return {
         "name": f"{cfg.model.name}+{nc.method}",
@@ -122,6 +131,7 @@ def _model_node(cfg: Any, roi: list | None) -> dict:
         "pretrained": bool(cfg.model.get("pretrained", True)),
         "smooth_px": float(nc.smooth_px),
         "roi": roi,
+        "part_bank_size": part_bank,
     }
 
 
@@ -289,78 +299,56 @@ def _patches(feats: torch.Tensor) -> torch.Tensor:
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
 
 
-def cell_weights(
-    net: NormalNet, items: list[Item], data: Any, grid, native, use_parts: bool
-) -> torch.Tensor:
+def cell_weights(net: NormalNet, parts: list | None, n: int, grid) -> torch.Tensor:
     """Per layer and map cell (N, h, w): 0 outside the ROI, 1 on powder, 2 on a part or its
     outline (from part masks, where the user has them)."""
-    n = len(items)
     roi = net.roi[0, 0] if net.roi is not None else torch.ones(tuple(grid))
     cells = roi.expand(n, *grid).clone()
-    parts = part_masks(items, data, native) if use_parts else None
-    if parts is None:
-        return cells
-    for i, mask in enumerate(parts):
+    for i, mask in enumerate(parts or []):
         if mask is not None:
-            on_part = torch.from_numpy(_part_cells(mask, tuple(grid)))
+            on_part = torch.from_numpy(part_cells(mask, tuple(grid)))
             cells[i][on_part & (cells[i] > 0)] = 2.0
     return cells
 
 
 def part_masks(items: list[Item], data: Any, native) -> list[np.ndarray | None] | None:
     """``ROOT/_parts/<layer file name>`` for each layer (None where absent); None if none."""
-    folder = Path(data.root).expanduser() / "_parts" if data.get("root") else None
+    folder = Path(data.root).expanduser() / PARTS_DIR if data.get("root") else None
     if folder is None or not folder.is_dir():
         return None
     masks = []
     for it in items:
         path = folder / Path(it.path).name
-        masks.append(_read_part_mask(path, it.path) if path.is_file() else None)
+        masks.append(read_part_mask(path, _image_size(Path(it.path))) if path.is_file() else None)
     found = sum(m is not None for m in masks)
     log.info("part masks for %d of %d good layers (%s)", found, len(items), folder)
     return masks if found else None
 
 
-def _read_part_mask(path: Path, layer: Path) -> np.ndarray:
-    mask = read_image(path, 1)
-    size = _image_size(Path(layer))
-    if mask.shape[:2] != size:
-        raise InspectError(
-            f"part mask {str(path)!r} is {mask.shape[1]}x{mask.shape[0]} but its layer "
-            f"{str(layer)!r} is {size[1]}x{size[0]}: part masks must have their layer's size"
-        )
-    return mask > 127
-
-
-def _part_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Cells that a part touches, grown by one cell so its outline counts as part."""
-    h, w = grid
-    frac = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
-    return cv2.dilate((frac > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-
-
-def fit_scorer(
-    scorer: torch.nn.Module, feats: torch.Tensor, cells: torch.Tensor, nc: Any, seed: int
-) -> None:
-    """Fit ``scorer`` (Gaussian or memory bank) on the patches of ``feats`` inside the ROI."""
+def fit_banks(net: NormalNet, feats: torch.Tensor, cells: torch.Tensor, nc: Any, seed: int) -> None:
+    """Fit the scorer (Gaussian or memory bank) on the patches of ``feats`` inside the ROI;
+    with a part memory, powder and part patches fill their own banks."""
     patches, kind = _patches(feats), cells.reshape(-1)
     if nc.method == "gaussian":
         mean, whiten = shrunk_gaussian(patches[kind > 0], nc.shrinkage)
-        scorer.set_stats(mean, whiten)
+        net.scorer.set_stats(mean, whiten)
         return
-    size = scorer.bank.shape[0]
-    parts = kind == 2
-    n_part = min(int(parts.sum()), round(size * nc.part_share)) if parts.any() else 0
-    bank = [_coreset(patches[kind == 1], size - n_part, nc.coreset_pool, seed)]
-    if n_part:
-        bank.append(_coreset(patches[parts], n_part, nc.coreset_pool, seed))
-    scorer.set_bank(torch.cat(bank))
+    if net.part_scorer is None:
+        net.scorer.set_bank(_coreset(patches[kind > 0], len(net.scorer.bank), nc, seed))
+        return
+    net.scorer.set_bank(_coreset(patches[kind == 1], len(net.scorer.bank), nc, seed))
+    parts = patches[kind == 2]
+    if len(parts) == 0:  # no part in these layers: the part memory holds powder
+        parts = patches[kind == 1]
+    net.part_scorer.set_bank(_coreset(parts, len(net.part_scorer.bank), nc, seed))
 
 
-def _coreset(patches: torch.Tensor, size: int, pool_size: int, seed: int) -> torch.Tensor:
-    """``size`` rows: a greedy coreset of a random pool of ``pool_size`` of ``patches``."""
+def _coreset(patches: torch.Tensor, size: int, nc: Any, seed: int) -> torch.Tensor:
+    """``size`` rows: a greedy coreset of a random pool of ``normal.coreset_pool`` patches."""
+    if len(patches) == 0:
+        raise InspectError("no good patch inside normal.roi: give a larger region of interest")
     gen = torch.Generator().manual_seed(seed)
-    pool = patches[torch.randperm(len(patches), generator=gen)[:pool_size]]
+    pool = patches[torch.randperm(len(patches), generator=gen)[: nc.coreset_pool]]
     bank = pool[greedy_coreset(pool, size, seed)]
     if len(bank) < size:  # fewer good patches than bank slots: repeat some
         bank = bank[torch.arange(size) % len(bank)]
@@ -371,22 +359,57 @@ def out_of_fold_scores(
     net: NormalNet, views: list, folds: np.ndarray, nc: Any, seed: int
 ) -> np.ndarray:
     """Layer distance of every good layer (as it is, unmirrored) under a scorer fitted
-    without its fold. ``views``: (features, cell weights) of the layers, then their mirrors."""
-    scores = np.empty(len(folds))
+    without its fold. ``views``: (features, cell weights) of the layers, then their mirrors.
+    With a part memory, the out-of-fold distances also set the part scale."""
+    feats, cells = views[0]
+    powder, part = [None] * len(folds), [None] * len(folds)
     for f in sorted(set(folds.tolist())):
-        held = torch.from_numpy(folds == f)
-        fit_scorer(net.scorer, *_stack(views, ~held), nc, seed)
-        scores[held.numpy()] = _layer_distances(net, views[0][0][held]).numpy()
-    return scores
-
-
-def _layer_distances(net: NormalNet, feats: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """What ``net.distances`` gives, from features already extracted."""
-    out = []
+        held = np.flatnonzero(folds == f)
+        fit_banks(net, *_stack(views, torch.from_numpy(folds != f)), nc, seed)
+        for i in held:
+            powder[i], part[i] = _raw_maps(net, feats[i : i + 1])
+    powder = torch.cat(powder)
+    part = None if net.part_scorer is None else torch.cat(part)
+    if part is not None:
+        net.part_scale.fill_(part_scale(powder, part, cells))
     with torch.inference_mode():
-        for i in range(0, len(feats), batch):
-            out.append(net.layer_distance(net.post_process(net.scorer(feats[i : i + batch]))))
-    return torch.cat(out)
+        dmap = net.post_process(net.combine(powder, part, _part_input(cells)))
+        return net.layer_distance(dmap).numpy()
+
+
+def _raw_maps(net: NormalNet, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with torch.inference_mode():
+        return net.raw_maps(feats)
+
+
+def _part_input(cells: torch.Tensor) -> torch.Tensor:
+    """Cell weights (N, h, w) -> the part-cell input of the network (N, 1, h, w), 1 = part."""
+    return (cells == 2).float()[:, None]
+
+
+PART_QUANTILE = 0.99
+
+
+def part_scale(powder: torch.Tensor, part: torch.Tensor, cells: torch.Tensor) -> float:
+    """How much farther good part patches lie from the part memory than good powder patches
+    from the memories (their 99th percentiles, out of fold): part distances are divided by it,
+    so a part is flagged when it is as unusual among parts as a defect among powder."""
+    on_part, on_powder = cells[:, None] == 2, cells[:, None] == 1
+    if not on_part.any() or not on_powder.any():
+        return 1.0
+    union = torch.minimum(powder, part)
+    q_part = torch.quantile(_sample(part[on_part]), PART_QUANTILE)
+    q_powder = torch.quantile(_sample(union[on_powder]), PART_QUANTILE)
+    scale = float(q_part / q_powder.clamp_min(1e-6))
+    log.info("part distances scaled by 1/%.3f (99th percentiles, out of fold)", scale)
+    return max(scale, 1e-3)
+
+
+def _sample(x: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
+    """At most ``n`` values (torch.quantile refuses very large inputs)."""
+    if len(x) <= n:
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def calibrate(net: NormalNet, oof: np.ndarray, target_frr: float) -> dict:
@@ -415,7 +438,7 @@ def calibrate(net: NormalNet, oof: np.ndarray, target_frr: float) -> dict:
     return record
 
 
-def _save(cfg, out_dir, net, pre, items, oof, folds, calib, roi, cells, peak) -> Path:
+def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
     oof_frr = (oof >= calib["distance_threshold"]).mean()
     metrics = {
@@ -426,9 +449,11 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, roi, cells, peak) ->
         "n_folds": len(set(folds.tolist())),
         "folds_by": "job" if len(set(folds.tolist())) > 1 and _by_job(items) else "block",
         "input_size": [pre.height, pre.width],
-        "roi": roi,
+        "roi": node["roi"],
         "bank": {
             "size": int(net.scorer.bank.shape[0]) if hasattr(net.scorer, "bank") else 0,
+            "part_size": 0 if net.part_scorer is None else int(net.part_scorer.bank.shape[0]),
+            "part_scale": float(net.part_scale),
             "part_cells": int((cells == 2).sum()),
             "powder_cells": int((cells == 1).sum()),
         },
@@ -446,7 +471,7 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, roi, cells, peak) ->
     }
     meta = {
         "mode": "normal_only",
-        "model": {"_target_": BUILDER, **_model_node(cfg, roi)},
+        "model": {"_target_": BUILDER, **node},
         "classes": [cfg.data.normal_class, DEFECT_CLASS],
         "normal_class": cfg.data.normal_class,
         "preprocess": pre.to_dict(),

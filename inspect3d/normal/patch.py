@@ -43,14 +43,19 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("bank_sq", torch.zeros(size))
+        self.register_buffer("center", torch.zeros(channels))
 
     def set_bank(self, bank: torch.Tensor) -> None:
-        self.bank.copy_(bank)
-        self.bank_sq.copy_((bank * bank).sum(1))
+        # distances are computed about the bank's mean: |f|^2 + |b|^2 - 2 f.b then cancels far
+        # less in float32 (feature norms are large next to the distances between patches)
+        self.center.copy_(bank.mean(0))
+        centred = bank - self.center
+        self.bank.copy_(centred)
+        self.bank_sq.copy_((centred * centred).sum(1))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         n, c, h, w = feats.shape
-        f = feats.flatten(2).transpose(1, 2)  # (N, hw, C)
+        f = feats.flatten(2).transpose(1, 2) - self.center  # (N, hw, C)
         nearest = None
         for start in range(0, self.bank.shape[0], BANK_CHUNK):
             bank = self.bank[start : start + BANK_CHUNK]
@@ -110,6 +115,7 @@ class NormalNet(nn.Module):
         topk: int = 10,
         smooth_cells: float = 0.0,
         roi: np.ndarray | None = None,
+        part_scorer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if layer_score not in LAYER_SCORES:
@@ -125,10 +131,31 @@ class NormalNet(nn.Module):
         # region of interest on the map grid (1 inside, 0 outside); None: the whole layer
         roi_t = None if roi is None else torch.from_numpy(roi.astype(np.float32))[None, None]
         self.register_buffer("roi", roi_t, persistent=False)
+        # with part masks at fit time: a memory of part (and part outline) patches, and the
+        # scale that puts a part cell's distance to it in the units of powder distances
+        self.part_scorer = part_scorer
+        self.register_buffer("part_scale", torch.tensor(1.0))
 
-    def distance_map(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch distances to the powder memory and to the part memory (None without one)."""
+        part = None if self.part_scorer is None else self.part_scorer(feats)
+        return self.scorer(feats), part
+
+    def combine(
+        self, powder: torch.Tensor, part: torch.Tensor | None, cells: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One distance per patch: on cells marked as part (``cells`` > 0, from the layer's part
+        mask) the scaled distance to the part memory; elsewhere the nearest of both memories."""
+        if part is None:
+            return powder
+        union = torch.minimum(powder, part)
+        if cells is None:
+            return union
+        return torch.where(cells > 0, part / self.part_scale, union)
+
+    def distance_map(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Smoothed anomaly distances per patch (N, 1, h, w), 0 outside the ROI."""
-        return self.post_process(self.scorer(self.features(x)))
+        return self.post_process(self.combine(*self.raw_maps(self.features(x)), cells))
 
     def post_process(self, dmap: torch.Tensor) -> torch.Tensor:
         """Raw patch distances -> smoothed, 0 outside the ROI."""
@@ -144,9 +171,11 @@ class NormalNet(nn.Module):
             dmap = dmap * self.roi
         return dmap
 
-    def distances(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def distances(
+        self, x: torch.Tensor, cells: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly distances: per layer (N,) and per patch (N, 1, h, w)."""
-        dmap = self.distance_map(x)
+        dmap = self.distance_map(x, cells)
         return self.layer_distance(dmap), dmap
 
     def layer_distance(self, dmap: torch.Tensor) -> torch.Tensor:
@@ -156,16 +185,21 @@ class NormalNet(nn.Module):
         k = min(self.topk, flat.shape[1])
         return flat.topk(k, dim=1).values.mean(dim=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        score, dmap = self.distances(x)
+    def forward(
+        self, x: torch.Tensor, cells: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        score, dmap = self.distances(x, cells)
         z = (score - self.threshold) / self.temperature
         zmap = (dmap - self.threshold) / self.temperature
         logits = torch.stack([torch.zeros_like(z), z], dim=1)
         return logits, torch.cat([torch.zeros_like(zmap), zmap], dim=1)
 
-    def scoring(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What is exported: probs (N, 2) and the defect map in threshold units (N, 1, h, w)."""
-        score, dmap = self.distances(x)
+    def scoring(
+        self, x: torch.Tensor, cells: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What is exported: probs (N, 2) and the defect map in threshold units (N, 1, h, w).
+        ``cells``: the layer's part cells (N, 1, h, w), an input of models fitted with parts."""
+        score, dmap = self.distances(x, cells)
         defect = torch.sigmoid((score - self.threshold) / self.temperature)
         return torch.stack([1.0 - defect, defect], dim=1), dmap / self.threshold
 
@@ -185,14 +219,17 @@ def build_normal_net(
     pretrained: bool = True,
     smooth_px: float = 0.0,
     roi: list | None = None,
+    part_bank_size: int = 0,
 ) -> NormalNet:
     """The network a normal-only checkpoint's ``model`` node describes (weights loaded after).
 
     ``roi``: the plate polygon in fractions of the layer ([[x, y], ...]), None for all of it.
+    ``part_bank_size`` > 0: part patches get a memory of their own (fitted with part masks).
     """
     if num_classes != 2:
         raise InspectError(f"a normal-only model has 2 classes (normal, defect), not {num_classes}")
     features = PatchFeatures(pre, pretrained=pretrained, grid_stride=grid_stride)
-    scorer = make_scorer(method, features.out_channels, bank_size)
+    scorer = make_scorer(method, features.out_channels, bank_size - part_bank_size)
     mask = None if roi is None else roi_on_grid(roi, features.grid(pre.height, pre.width))
-    return NormalNet(features, scorer, layer_score, topk, smooth_px / grid_stride, mask)
+    parts = MemoryBank(part_bank_size, features.out_channels) if part_bank_size > 0 else None
+    return NormalNet(features, scorer, layer_score, topk, smooth_px / grid_stride, mask, parts)

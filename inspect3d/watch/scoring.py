@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from inspect3d.data.layout import IMAGE_EXTENSIONS
+from inspect3d.data.parts import PARTS_DIR
 from inspect3d.data.preprocess import decode_image, image_size
 from inspect3d.errors import InspectError
 from inspect3d.infer.model import LayerScore, OnnxModel
 from inspect3d.watch.inbox import Arrival, inside, odd_name
+
+log = logging.getLogger(__name__)
 
 DECODE_THREADS = min(4, os.cpu_count() or 1)
 
@@ -100,14 +104,32 @@ def score_batch(
         if image is not None:
             images.append((result, image))
     if images:
+        cells = part_cells_of(model, [r.arrival for r, _ in images])
         try:
-            scores = model.score_inputs(np.stack([x for _, x in images]))
+            scores = model.score_inputs(np.stack([x for _, x in images]), None, cells)
         except Exception:  # one bad input must not sink the batch: score them one by one
             scores = [_predict_one(model, r, x) for r, x in images]
         for (result, _), score in zip(images, scores, strict=True):
             if score is not None:
                 result.status, result.score, result.error = "scored", score, None
     return results
+
+
+def part_cells_of(model: OnnxModel, arrivals: list[Arrival]) -> np.ndarray | None:
+    """Part cells for a model fitted with part masks: ``<job folder>/_parts/<layer file name>``
+    (the CAD slice of that layer) where it exists; a layer without one is scored as powder and
+    parts alike. An unreadable mask is logged and left out."""
+    if model.part_grid is None:
+        return None
+    masks = []
+    for a in arrivals:
+        path = a.path.parent / PARTS_DIR / a.path.name
+        masks.append(path if path.is_file() else None)
+    try:
+        return model.cells_of(masks)
+    except InspectError as exc:
+        log.warning("part masks not used for this batch: %s", exc)
+        return None
 
 
 def _prepare(

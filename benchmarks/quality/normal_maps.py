@@ -1,0 +1,254 @@
+"""Normal-only maps and verdicts on jobs never seen, with the shipped fit-normal defaults.
+
+- synthetic printer synth-a (machine frame, parts of new shapes per job, thin streaks):
+  fitted on the good layers of the training seed's jobs, tested on the jobs of another seed
+  (new parts, new places); pixel AUROC at image resolution, AUPRO up to 30% FPR, the share of
+  defect layers whose map maximum lies within 16 px of a defect, good layers over the
+  threshold, defect layers over it — with N and Wilson intervals;
+- eos_parts (an industrial L-PBF machine, 4 jobs, no defects): fitted on 20 good layers of one
+  job or of two jobs, with and without part masks; the share of every other job's good layers
+  over the threshold, per job with a Wilson interval.
+
+Scoring runs the fitted torch model (the exported ONNX model matches it to 1e-4, checked on
+export). ``python benchmarks/quality/normal_maps.py [--only synth|eos] [--size 512]``
+
+Results: docs/quality/normal_maps.json and the ``normal_maps`` section of docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import torch
+
+from inspect3d.config import compose
+from inspect3d.data.manifest import Item
+from inspect3d.data.parts import part_cells, read_part_mask
+from inspect3d.data.preprocess import Preprocess
+from inspect3d.data.synth import SynthConfig, generate
+from inspect3d.metrics import wilson_interval
+from inspect3d.normal.fit import fit_normal
+from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.train.evaluate import mask_metrics
+
+NAME = "normal_maps"
+PRINTER = "synth-a"
+EOS = common.DATASETS / "eos_parts"
+FIT_LAYERS = 20
+
+
+def fit(root: Path, run: Path, *extra: str) -> tuple[torch.nn.Module, Preprocess, dict, float]:
+    """fit-normal with the shipped defaults on ``root`` (``ok/`` + optional ``_parts/``)."""
+    shutil.rmtree(run, ignore_errors=True)
+    overrides = ["data=folder", f"data.root={root}", "data.normal_class=ok", *extra]
+    start = time.perf_counter()
+    fit_normal(compose("fit_normal", overrides), run)
+    seconds = time.perf_counter() - start
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    net = model_from_checkpoint(ckpt).eval()
+    return net, Preprocess.from_dict(ckpt["preprocess"]), ckpt["metrics"], seconds
+
+
+def score(
+    net, pre: Preprocess, paths: list[Path], parts: list[Path | None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Layer scores in threshold units (>= 1: over the threshold) and maps (threshold units);
+    ``parts``: the layers' part masks, for a model fitted with part masks."""
+    scores, maps = [], []
+    parts = parts if parts is not None and net.part_scorer is not None else None
+    with torch.inference_mode():
+        for i in range(0, len(paths), 4):
+            x = torch.from_numpy(np.stack([pre.load(p) for p in paths[i : i + 4]]))
+            cells = None if parts is None else cells_of(net, pre, parts[i : i + 4])
+            s, dmap = net.distances(x, cells)
+            scores += (s / net.threshold).tolist()
+            maps.append((dmap[:, 0] / net.threshold).numpy())
+    return np.array(scores), np.concatenate(maps)
+
+
+def cells_of(net, pre: Preprocess, masks: list[Path | None]) -> torch.Tensor:
+    grid = net.features.grid(*pre.size)
+    cells = np.zeros((len(masks), 1, *grid), np.float32)
+    for i, path in enumerate(masks):
+        if path is not None:
+            cells[i, 0] = part_cells(read_part_mask(path), grid)
+    return torch.from_numpy(cells)
+
+
+def rate(k: int, n: int) -> dict:
+    return {"k": int(k), "n": int(n), "rate": k / n if n else None, "ci95": wilson_interval(k, n)}
+
+
+def link_layers(dest: Path, layers: list[tuple[Path, str, Path | None]]) -> Path:
+    """``dest/ok/<name>`` (+ ``dest/_parts/<name>``) links for (image, name, part mask)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "ok").mkdir(parents=True)
+    for image, name, parts in layers:
+        os.symlink(image.resolve(), dest / "ok" / name)
+        if parts is not None:
+            (dest / "_parts").mkdir(exist_ok=True)
+            os.symlink(parts.resolve(), dest / "_parts" / name)
+    return dest
+
+
+# --- synthetic printer ---------------------------------------------------------------------
+
+
+def manifest_rows(root: Path) -> list[list[str]]:
+    return [line.split(",") for line in (root / "manifest.csv").read_text().splitlines()[1:]]
+
+
+def synthetic(size: int, work: Path) -> dict:
+    fit_src, test_src = work / "synth_fit", work / "synth_test"
+    generate(fit_src, SynthConfig(seed=5, n_jobs=8, layers_per_job=8, size=size,
+                                  defect_fraction=0.2), progress=False)  # fmt: skip
+    generate(test_src, SynthConfig(seed=6, n_jobs=12, layers_per_job=8, size=size,
+                                   defect_fraction=0.8), progress=False)  # fmt: skip
+    good = [r for r in manifest_rows(fit_src) if r[1] == "ok" and r[4] == PRINTER]
+    layers = [(fit_src / r[0], Path(r[0]).name, fit_src / "_parts" / Path(r[0]).name)
+              for r in good[:FIT_LAYERS]]  # fmt: skip
+    net, pre, fitted, seconds = fit(link_layers(work / "synth_fit_ok", layers), work / "run_s")
+    tests = [r for r in manifest_rows(test_src) if r[4] == PRINTER]
+    items = [Item(path=test_src / r[0], label=r[1]) for r in tests]
+    parts = [test_src / "_parts" / it.path.name for it in items]
+    scores, maps = score(net, pre, [it.path for it in items], parts)
+    labels = np.array([it.label for it in items])
+    loc = mask_metrics(items, maps, test_src / "_masks", 1.0)
+    over = scores >= 1.0
+    per_class = {c: rate(over[labels == c].sum(), (labels == c).sum()) for c in set(labels)}
+    return {
+        "size": size, "fit_layers": len(layers), "fit_seconds": round(seconds, 1),
+        "fit_peak_rss_mb": fitted.get("peak_rss_mb"), "roi": fitted.get("roi"),
+        "pixel_auroc": loc["pixel_auroc"], "aupro_30": loc["aupro_30"],
+        "peak_on_defect": loc["peak_on_defect"], "cell_auroc": loc["cell_auroc"],
+        "good_over_threshold": rate(over[labels == "ok"].sum(), (labels == "ok").sum()),
+        "defect_over_threshold": rate(over[labels != "ok"].sum(), (labels != "ok").sum()),
+        "per_class_over_threshold": per_class,
+    }  # fmt: skip
+
+
+# --- eos_parts ---------------------------------------------------------------------------
+
+
+def eos_jobs() -> dict[str, list[Path]]:
+    jobs: dict[str, list[Path]] = {}
+    for p in sorted((EOS / "layers").glob("*.png")):
+        jobs.setdefault(p.stem.split("_")[0], []).append(p)
+    return jobs
+
+
+def eos_name(p: Path) -> str:
+    job, layer = p.stem.split("_")
+    return f"{job}__{layer}.png"  # the folder layout's <job>__<layer> convention
+
+
+def eos_case(fit_jobs: list[str], parts: bool, work: Path) -> dict:
+    jobs = eos_jobs()
+    per_job = FIT_LAYERS // len(fit_jobs)
+    chosen = [p for j in fit_jobs for p in jobs[j][:per_job]]
+    layers = [(p, eos_name(p), EOS / "part_masks" / p.name if parts else None) for p in chosen]
+    tag = "+".join(j[-6:] for j in fit_jobs) + ("_parts" if parts else "")
+    net, pre, fitted, seconds = fit(link_layers(work / f"eos_{tag}", layers), work / "run_e")
+    result = {"fit_jobs": fit_jobs, "part_masks": parts, "fit_layers": len(chosen),
+              "fit_seconds": round(seconds, 1), "fit_peak_rss_mb": fitted.get("peak_rss_mb"),
+              "roi": fitted.get("roi"), "jobs": {}}  # fmt: skip
+    for job, paths in jobs.items():
+        held = paths[per_job:] if job in fit_jobs else paths
+        masks = [EOS / "part_masks" / p.name for p in held] if parts else None
+        scores, _ = score(net, pre, held, masks)
+        result["jobs"][job] = {"seen": job in fit_jobs, **rate((scores >= 1).sum(), len(held)),
+                               "median_score": float(np.median(scores))}  # fmt: skip
+    new = [v for v in result["jobs"].values() if not v["seen"]]
+    result["new_jobs"] = rate(sum(v["k"] for v in new), sum(v["n"] for v in new))
+    return result
+
+
+def eos(work: Path) -> list[dict]:
+    if not EOS.is_dir():
+        print(f"skipping eos_parts: {EOS} is absent")
+        return []
+    jobs = sorted(eos_jobs())
+    cases = [([jobs[0]], True), ([jobs[0]], False), (jobs[:2], True), (jobs[:2], False),
+             (jobs[2:], True)]  # fmt: skip
+    return [eos_case(fit_jobs, parts, work) for fit_jobs, parts in cases]
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def fmt_rate(r: dict) -> str:
+    lo, hi = r["ci95"] or (None, None)
+    ci = f"95% CI {common.fmt(lo, 2)}–{common.fmt(hi, 2)}"
+    return f"{r['k']}/{r['n']} ({common.fmt(r['rate'], 2)}, {ci})"
+
+
+SETTINGS = (
+    "Shipped fit-normal defaults (native resolution, ROI auto, stride 8, smoothing, bank 2048, "
+    "part masks where present, mirrored layers, per-job calibration)."
+)
+
+
+def report(results: dict) -> str:
+    m = results["machine"]
+    command = "`python benchmarks/quality/normal_maps.py`"
+    lines = [f"Machine: {common.machine_line(m)}. Command: {command}. {SETTINGS}", ""]
+    s = results.get("synthetic")
+    if s:
+        p = s["peak_on_defect"]
+        peak = fmt_rate({"k": p["hits"], "n": p["n"], "rate": p["rate"], "ci95": p["ci95"]})
+        lines += [
+            f"**Synthetic printer {PRINTER}**, {s['size']} px: fitted on {s['fit_layers']} good "
+            f"layers of seed-5 jobs ({s['fit_seconds']} s, peak {s['fit_peak_rss_mb']} MB), tested "
+            "on seed-6 jobs (other part shapes and places).", "",
+            "| figure | value |", "|---|---|",
+            f"| pixel AUROC (image resolution) | {common.fmt(s['pixel_auroc'])} |",
+            f"| AUPRO (FPR ≤ 30%) | {common.fmt(s['aupro_30'])} |",
+            f"| map maximum within 16 px of a defect | {peak} |",
+            f"| good layers over the threshold | {fmt_rate(s['good_over_threshold'])} |",
+            f"| defect layers over the threshold | {fmt_rate(s['defect_over_threshold'])} |",
+            "",
+            "Defect layers over the threshold, per class: " + ", ".join(
+                f"{c} {fmt_rate(r)}" for c, r in sorted(s["per_class_over_threshold"].items())),
+            "",
+        ]  # fmt: skip
+    if results.get("eos"):
+        lines += ["**eos_parts** (no defects: every layer over the threshold is a false alarm):",
+                  "", "| fitted on | part masks | new jobs over threshold | per new job |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for c in results["eos"]:
+            per = "; ".join(f"…{j[-6:]} {fmt_rate(v)}" for j, v in c["jobs"].items()
+                            if not v["seen"])  # fmt: skip
+            fitted = " + ".join(f"…{j[-6:]}" for j in c["fit_jobs"])
+            masks = "yes" if c["part_masks"] else "no"
+            row = f"| {fitted} ({c['fit_layers']} layers) | {masks} | {fmt_rate(c['new_jobs'])} |"
+            lines.append(f"{row} {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["synth", "eos"])
+    ap.add_argument("--size", type=int, default=512)
+    args = ap.parse_args()
+    work = common.WORK / NAME
+    work.mkdir(parents=True, exist_ok=True)
+    results = common.load_results(NAME) or {}
+    results["machine"] = common.print_machine()
+    if args.only in (None, "synth"):
+        results["synthetic"] = synthetic(args.size, work)
+        print(results["synthetic"])
+    if args.only in (None, "eos"):
+        results["eos"] = eos(work)
+    common.save_results(NAME, results)
+    common.update_section(NAME, report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
