@@ -18,7 +18,15 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from review_fixtures import HOSTILE_JOB, HOSTILE_NOTE, copy_state, load_shop, replayed_once, serving
+from review_fixtures import (
+    HOSTILE_JOB,
+    HOSTILE_NOTE,
+    HOSTILE_PRINTER,
+    copy_state,
+    load_shop,
+    replayed_once,
+    serving,
+)
 
 from inspect3d.cli import main as inspect3d_main
 from inspect3d.data.manifest import MANIFEST_COLUMNS, read_manifest
@@ -116,7 +124,7 @@ def test_page_lists_flagged_jobs_escaped(server, state):
     status, page = request(server, "/")
     assert status == 200
     assert HOSTILE_JOB not in page and "job&lt;img src=x onerror=alert(&#39;job&#39;)&gt;" in page
-    job = next(j for j in load_shop(state).jobs if j.flagged and j.printer == "printer01")
+    job = next(j for j in load_shop(state).jobs if j.flagged and j.printer != HOSTILE_PRINTER)
     status, page = request(server, f"/?job={job.id}")
     assert status == 200 and f'data-layer-id="{job.flagged[0].id}"' in page
     assert request(server, "/?job=999999")[0] == 400
@@ -154,7 +162,7 @@ def test_off_loopback_every_request_needs_the_token(server):
 # --- export of labels ----------------------------------------------------------------------
 def truth(state: Path, synth_dir: Path) -> dict[str, str]:
     """The synthetic label of every layer file name (the folder it came from)."""
-    return {p.name: p.parent.name for p in synth_dir.glob("*/*.png") if p.parent.name != "_masks"}
+    return {p.name: p.parent.name for p in synth_dir.glob("*/*.png") if p.parent.name[0] != "_"}
 
 
 def review_all(state: Path, synth_dir: Path) -> None:

@@ -106,10 +106,11 @@ def manifest_rows(root: Path) -> list[list[str]]:
 
 def synthetic(size: int, work: Path) -> dict:
     fit_src, test_src = work / "synth_fit", work / "synth_test"
-    generate(fit_src, SynthConfig(seed=5, n_jobs=8, layers_per_job=8, size=size,
-                                  defect_fraction=0.2), progress=False)  # fmt: skip
-    generate(test_src, SynthConfig(seed=6, n_jobs=12, layers_per_job=8, size=size,
-                                   defect_fraction=0.8), progress=False)  # fmt: skip
+    common_settings = {"layers_per_job": 8, "size": size, "overwrite": True}
+    fit_cfg = SynthConfig(seed=5, n_jobs=8, defect_fraction=0.2, **common_settings)
+    generate(fit_src, fit_cfg, progress=False)
+    test_cfg = SynthConfig(seed=6, n_jobs=12, defect_fraction=0.8, **common_settings)
+    generate(test_src, test_cfg, progress=False)
     good = [r for r in manifest_rows(fit_src) if r[1] == "ok" and r[4] == PRINTER]
     layers = [(fit_src / r[0], Path(r[0]).name, fit_src / "_parts" / Path(r[0]).name)
               for r in good[:FIT_LAYERS]]  # fmt: skip

@@ -234,7 +234,13 @@ def _differences(net: ScoringNet, session, inputs: tuple) -> dict[str, float]:
             strict=True,
         )
     ]
+    # relative above 1: a normal-only map is in units of its threshold and can reach several
     return {
-        name: max(float(np.abs(r - b).max()), float(np.abs(r - s).max()))
+        name: max(_relative(r, b), _relative(r, s))
         for name, r, b, s in zip(OUTPUT_NAMES, ref, batched, single, strict=True)
     }
+
+
+def _relative(ref: np.ndarray, got: np.ndarray) -> float:
+    """max |ref - got| / max(1, |ref|): absolute for values within [-1, 1], relative above."""
+    return float((np.abs(ref - got) / np.maximum(1.0, np.abs(ref))).max())

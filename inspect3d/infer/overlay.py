@@ -52,11 +52,14 @@ def _lut() -> np.ndarray:
 LUT = _lut()  # (256, 3) BGR
 
 
+MIN_MAP_THRESHOLD = 1e-6  # a threshold of 0 (flag everything) still draws: all above it
+
+
 def check_map_threshold(map_threshold: float) -> float:
     t = float(map_threshold)
-    if not np.isfinite(t) or t <= 0:
-        raise InspectError(f"map_threshold={map_threshold!r} is not valid: use a number > 0")
-    return t
+    if not np.isfinite(t) or t < 0:
+        raise InspectError(f"map_threshold={map_threshold!r} is not valid: use a number >= 0")
+    return max(t, MIN_MAP_THRESHOLD)
 
 
 def colour_position(values: np.ndarray, map_threshold: float) -> np.ndarray:

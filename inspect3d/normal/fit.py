@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import resource
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,13 +46,12 @@ from inspect3d.normal.stats import (
 )
 from inspect3d.train.checkpoint import config_hash, save_checkpoint
 from inspect3d.train.dataset import load_layers
-from inspect3d.train.loop import resolve_device
+from inspect3d.train.loop import batch_for_memory, peak_rss_mb, resolve_device
 
 log = logging.getLogger(__name__)
 DEFECT_CLASS = "defect"
 MIN_LAYERS = 5
 RESOLUTIONS = ("native", "data")
-BYTES_PER_INPUT_PIXEL = 400  # peak feature-extraction memory per input pixel (measured ~250)
 FEATURE_BACKBONES = ("efficientnet_lite0",)
 
 
@@ -84,7 +81,7 @@ def fit_normal(cfg: Any, out_dir: str | Path) -> tuple[str, Path]:
     fit_banks(net, *_stack(views, slice(None)), nc, cfg.seed)
     calib = calibrate(net, oof, nc.target_frr)
     peak = peak_rss_mb()
-    log.info("fit-normal peak memory %.0f MB", peak)
+    log.info("fit-normal peak memory %s MB", "unknown" if peak is None else round(peak))
     path = _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak)
     return _summary(calib, len(items)), path
 
@@ -180,32 +177,7 @@ def resolve_roi(spec: Any, images: np.ndarray, native: tuple[int, int]) -> list 
 
 def batch_size_for(pre: Preprocess, nc: Any) -> int:
     """``normal.batch_size``, lowered so a batch's feature extraction fits the memory budget."""
-    budget = memory_budget_bytes(nc.memory_gb)
-    per_layer = BYTES_PER_INPUT_PIXEL * pre.height * pre.width * pre.channels
-    fits = max(1, int(budget // per_layer))
-    if fits < nc.batch_size:
-        log.info(
-            "batches of %d layers (of %d) to stay within %.1f GB",
-            fits,
-            nc.batch_size,
-            budget / 2**30,
-        )
-    return min(nc.batch_size, fits)
-
-
-def memory_budget_bytes(memory_gb: float | None) -> float:
-    """``memory_gb`` in bytes, else a quarter of the memory available now."""
-    if memory_gb:
-        return memory_gb * 2**30
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        avail = 8 * 2**30
-    return avail / 4
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return batch_for_memory(pre, nc.batch_size, nc.memory_gb)
 
 
 def good_items(data: Any, max_layers: int | None) -> list[Item]:
@@ -271,13 +243,18 @@ def _stack(views: list, select) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calibration_folds(items: list[Item], images: np.ndarray, k: int) -> np.ndarray:
-    """One fold per job when the good layers come from 2 or more jobs (a threshold for new
-    jobs), else ``k`` contiguous folds of the layer sequence."""
+    """Folds of whole jobs when the good layers come from 2 or more jobs (each fold is then
+    scored as new jobs are: by a scorer that saw none of its jobs), at most ``k`` of them;
+    else ``k`` contiguous folds of the layer sequence."""
     jobs = [it.job for it in items]
     if None not in jobs and len(set(jobs)) >= 2:
         order = {j: i for i, j in enumerate(dict.fromkeys(jobs))}
-        log.info("calibrating on %d jobs, each scored by a model fitted on the others", len(order))
-        return np.array([order[j] for j in jobs])
+        n_folds = min(len(order), k)
+        log.info(
+            "calibrating on %d jobs in %d folds, each scored by a model fitted on the others",
+            len(order), n_folds,
+        )  # fmt: skip
+        return np.array([order[j] * n_folds // len(order) for j in jobs])
     return fold_ids(images, min(k, len(items)))
 
 
@@ -457,7 +434,7 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
             "part_cells": int((cells == 2).sum()),
             "powder_cells": int((cells == 1).sum()),
         },
-        "peak_rss_mb": round(peak, 1),
+        "peak_rss_mb": None if peak is None else round(peak, 1),
         "calibration": calib,
         "oof_distance": {
             "min": float(oof.min()),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from inspect3d.data.layout import list_images
 from inspect3d.data.manifest import Item
+from inspect3d.data.parts import PARTS_DIR, part_cells, read_part_mask
 from inspect3d.data.preprocess import Preprocess, read_image
 from inspect3d.data.sources import load_data, load_items
 from inspect3d.data.splits import assign_groups
@@ -33,14 +33,9 @@ from inspect3d.metrics import (
 )
 from inspect3d.models import ScoringNet
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
-from inspect3d.train.dataset import LayerDataset, load_layers
-from inspect3d.train.loop import autocast, resolve_device
+from inspect3d.train.dataset import load_layers
+from inspect3d.train.loop import autocast, batch_for_memory, peak_rss_mb, resolve_device
 from inspect3d.train.plots import plot_confusion
-
-try:
-    import resource
-except ImportError:  # Windows has no getrusage
-    resource = None
 
 log = logging.getLogger(__name__)
 SPLITS = ("auto", "val", "all")
@@ -70,7 +65,8 @@ def evaluate_run(cfg: Any) -> dict:
     mask_root = (cfg.get("data") or {}).get("mask_root")
     if mask_root:
         metrics.update(mask_metrics(items, maps, Path(mask_root), ckpt.get("threshold") or 0.5))
-    metrics["peak_rss_mb"] = _peak_rss_mb()
+    peak = peak_rss_mb()
+    metrics["peak_rss_mb"] = None if peak is None else round(peak, 1)
     out = Path(cfg.out)
     write_json_atomic(out, metrics)
     _write_predictions(out.with_name(out.stem + "_predictions.csv"), items, probs, classes)
@@ -132,21 +128,44 @@ def _labels(
 def _predict(
     ckpt: dict, items: list[Item], labels: np.ndarray, cfg: Any
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, K) and defect maps (N, h, w), as the exported model gives them."""
+    """Class probabilities (N, K) and defect maps (N, h, w), as the exported model gives them
+    (a normal-only model fitted with part masks gets each layer's ``ROOT/_parts`` mask)."""
     device = resolve_device(cfg.get("device", "auto"))
     net = ScoringNet(model_from_checkpoint(ckpt)).to(device).eval()
-    images = load_layers(items, Preprocess.from_dict(ckpt["preprocess"]))
-    loader = torch.utils.data.DataLoader(
-        LayerDataset(images, labels.tolist()), batch_size=cfg.get("batch_size", 16)
-    )
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    images = load_layers(items, pre)
+    cells = _part_cells(net, items, cfg, pre)
+    batch = batch_for_memory(pre, cfg.get("batch_size", 16))
     probs, maps = [], []
     with torch.inference_mode():
-        for x, *_ in tqdm(loader, desc="evaluating", leave=False):
+        for i in tqdm(range(0, len(images), batch), desc="evaluating", leave=False):
+            x = torch.from_numpy(images[i : i + batch]).to(device)
+            extra = () if cells is None else (torch.from_numpy(cells[i : i + batch]).to(device),)
             with autocast(device, device.type == "cuda"):
-                p, m = net(x.to(device))
+                p, m = net(x, *extra)
             probs.append(p.float().cpu())
             maps.append(m.float().cpu()[:, 0])
     return torch.cat(probs).numpy(), torch.cat(maps).numpy()
+
+
+def _part_cells(net: ScoringNet, items: list[Item], cfg: Any, pre: Preprocess):
+    """Part cells (N, 1, h, w) from ``DATA_ROOT/_parts/<layer file name>`` for a model with a
+    part memory; None otherwise (layers without a mask get none)."""
+    inner = net.net
+    root = cfg.get("data", {}).get("root") if cfg.get("data") else None
+    if getattr(inner, "part_scorer", None) is None or not root:
+        return None
+    folder = Path(root).expanduser() / PARTS_DIR
+    grid = inner.features.grid(pre.height, pre.width)
+    cells = np.zeros((len(items), 1, *grid), np.float32)
+    found = 0
+    for i, it in enumerate(items):
+        mask = folder / Path(it.path).name
+        if mask.is_file():
+            cells[i, 0] = part_cells(read_part_mask(mask), grid)
+            found += 1
+    log.info("part masks for %d of %d layers (%s)", found, len(items), folder)
+    return cells
 
 
 def _by_source_class(
@@ -291,14 +310,6 @@ def _peak_summary(peaks: list[bool | None]) -> dict:
         "ci95": wilson_interval(hits, n),
         "radius_px": PEAK_RADIUS,
     }
-
-
-def _peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far, in MiB (None where unknown, e.g. Windows)."""
-    if resource is None:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
 def _write_predictions(

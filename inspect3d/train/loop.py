@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -13,6 +15,8 @@ from tqdm import tqdm
 
 from inspect3d.errors import InspectError
 from inspect3d.train.dataset import augment
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,6 +156,37 @@ def cell_targets(
     cells = torch.where(hit, labels[:, None, None], torch.zeros_like(labels)[:, None, None])
     cells[~known] = -100
     return cells
+
+
+BYTES_PER_INPUT_PIXEL = 400  # peak inference memory per input pixel (Lite0 features ~250)
+
+
+def batch_for_memory(pre, wanted: int, memory_gb: float | None = None) -> int:
+    """``wanted`` layers per batch, fewer where a batch's inference would not fit the memory
+    budget (``memory_gb``, else a quarter of the memory available now)."""
+    budget = memory_gb * 2**30 if memory_gb else _available_bytes() / 4
+    fits = max(1, int(budget // (BYTES_PER_INPUT_PIXEL * pre.height * pre.width * pre.channels)))
+    if fits < wanted:
+        log.info(
+            "batches of %d layers (not %d) to stay within %.1f GB", fits, wanted, budget / 2**30
+        )
+    return min(wanted, fits)
+
+
+def _available_bytes() -> float:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where unknown: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
