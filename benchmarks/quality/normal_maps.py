@@ -170,14 +170,24 @@ def eos_case(fit_jobs: list[str], parts: bool, work: Path) -> dict:
     return result
 
 
-def eos(work: Path) -> list[dict]:
+def eos(work: Path, old: list[dict], masks_only: bool = False) -> list[dict]:
+    """The eos_parts cases; with ``masks_only`` only those with part masks are rerun and the
+    others kept from ``old``."""
     if not EOS.is_dir():
         print(f"skipping eos_parts: {EOS} is absent")
         return []
     jobs = sorted(eos_jobs())
     cases = [([jobs[0]], True), ([jobs[0]], False), (jobs[:2], True), (jobs[:2], False),
              (jobs[2:], True)]  # fmt: skip
-    return [eos_case(fit_jobs, parts, work) for fit_jobs, parts in cases]
+    kept = {(tuple(c["fit_jobs"]), c["part_masks"]): c for c in old}
+    out = []
+    for fit_jobs, parts in cases:
+        key = (tuple(fit_jobs), parts)
+        if masks_only and not parts and key in kept:
+            out.append(kept[key])
+        else:
+            out.append(eos_case(fit_jobs, parts, work))
+    return out
 
 
 # --- report --------------------------------------------------------------------------------
@@ -234,7 +244,7 @@ def report(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["synth", "eos"])
+    ap.add_argument("--only", choices=["synth", "eos", "eos-masks"])
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
     work = common.WORK / NAME
@@ -244,8 +254,8 @@ def main() -> None:
     if args.only in (None, "synth"):
         results["synthetic"] = synthetic(args.size, work)
         print(results["synthetic"])
-    if args.only in (None, "eos"):
-        results["eos"] = eos(work)
+    if args.only in (None, "eos", "eos-masks"):
+        results["eos"] = eos(work, results.get("eos", []), args.only == "eos-masks")
     common.save_results(NAME, results)
     common.update_section(NAME, report(results))
     print(report(results))

@@ -144,14 +144,16 @@ class NormalNet(nn.Module):
     def combine(
         self, powder: torch.Tensor, part: torch.Tensor | None, cells: torch.Tensor | None
     ) -> torch.Tensor:
-        """One distance per patch: on cells marked as part (``cells`` > 0, from the layer's part
-        mask) the scaled distance to the part memory; elsewhere the nearest of both memories."""
+        """One distance per patch: the nearest of both memories; on cells marked as part
+        (``cells`` > 0, from the layer's part mask) no more than the distance to the part memory
+        divided by the part scale: a part patch is normal when it looks like any good patch,
+        or ordinary among good parts."""
         if part is None:
             return powder
         union = torch.minimum(powder, part)
         if cells is None:
             return union
-        return torch.where(cells > 0, part / self.part_scale, union)
+        return torch.where(cells > 0, torch.minimum(union, part / self.part_scale), union)
 
     def distance_map(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Smoothed anomaly distances per patch (N, 1, h, w), 0 outside the ROI."""
