@@ -102,8 +102,10 @@ class NormalConfig:
     shrinkage: float = 0.01  # gaussian: covariance shrinkage towards a scaled identity
     bank_size: int = 2048  # patchcore: patches kept in the memory bank
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
-    # with part masks (ROOT/_parts/<layer file name>): share of the bank for part patches
-    use_parts: bool = True
+    # part masks (ROOT/_parts/<layer file name>): a part memory and a part input. Off by
+    # default: measured on eos_parts (fitted on 2 jobs) it raised false alarms on new jobs from
+    # 0/66 to 42/66, though it helps on the synthetic printer (docs/quality.md, normal_maps)
+    use_parts: bool = False
     mirror: bool = True  # the bank also holds the good layers mirrored (parts of any handedness)
     part_share: float = 0.25
     target_frr: float = 0.01  # false-reject rate the threshold aims at

@@ -25,7 +25,7 @@ def _worker() -> ProcessPoolExecutor:
 
 def _exit_code(processes: list) -> str:
     for p in processes:
-        p.join(10)
+        p.join(30)
     codes = [p.exitcode for p in processes]
     names = [signal.Signals(-c).name if c and c < 0 else str(c) for c in codes]
     return ", ".join(names) or "unknown"

@@ -59,7 +59,7 @@ def fit_export_score(fit_root: Path, test_paths: list[Path], run: Path, *extra: 
 
     overrides = [
         "data=folder", f"data.root={fit_root}", "data.normal_class=ok", "normal.progress=false",
-        *extra,
+        "normal.use_parts=true", *extra,
     ]  # fmt: skip
     fit_normal(compose("fit_normal", overrides), run)
     export_run(compose("export", [f"run={run}", "n_check=2"]))
@@ -206,7 +206,13 @@ def test_fit_refuses_too_few_layers_and_mis_sized_part_masks(printer_a, tmp_path
         cv2.imwrite(str(bad / "_parts" / p.name), np.zeros((100, 100), np.uint8))
     cfg = compose(
         "fit_normal",
-        ["data=folder", f"data.root={bad}", "data.normal_class=ok", "normal.bank_size=64"],
+        [
+            "data=folder",
+            f"data.root={bad}",
+            "data.normal_class=ok",
+            "normal.bank_size=64",
+            "normal.use_parts=true",
+        ],  # fmt: skip
     )
     with pytest.raises(InspectError, match=r"part mask .* is 100x100 but its layer .* 256x256"):
         isolated(fit_normal, cfg, tmp_path / "run2")

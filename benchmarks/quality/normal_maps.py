@@ -47,6 +47,8 @@ def fit(root: Path, run: Path, *extra: str) -> tuple[torch.nn.Module, Preprocess
     """fit-normal with the shipped defaults on ``root`` (``ok/`` + optional ``_parts/``)."""
     shutil.rmtree(run, ignore_errors=True)
     overrides = ["data=folder", f"data.root={root}", "data.normal_class=ok", *extra]
+    if (root / "_parts").is_dir():
+        overrides.append("normal.use_parts=true")  # the cases with part masks use them
     start = time.perf_counter()
     fit_normal(compose("fit_normal", overrides), run)
     seconds = time.perf_counter() - start
@@ -201,7 +203,8 @@ def fmt_rate(r: dict) -> str:
 
 SETTINGS = (
     "Shipped fit-normal defaults (native resolution, ROI auto, stride 8, smoothing, bank 2048, "
-    "part masks where present, mirrored layers, per-job calibration)."
+    "mirrored layers, calibration folds of whole jobs), plus normal.use_parts=true in the cases "
+    "with part masks (the synthetic printer and the eos rows marked yes)."
 )
 
 
