@@ -208,13 +208,27 @@ def verify(net: ScoringNet, path: Path, layers: np.ndarray, tolerance: float) ->
         f"parity check on {len(layers)} layers (batch 1 and {len(layers)}): {report}; "
         f"tolerance {tolerance:.1e}; same class on {same_class:.0%}"
     )
-    worst = max(diffs.values())
-    if not np.isfinite(worst) or worst > tolerance:
+    over = {k: d for k, d in diffs.items() if not np.isfinite(d) or d > _allowed(k, net, tolerance)}
+    if over:
+        name, worst = max(over.items(), key=lambda kv: kv[1])
         raise InspectError(
-            f"export parity check FAILED: onnxruntime differs from torch by {worst:.2e} > "
-            f"tolerance {tolerance:.1e}; the model was not written"
+            f"export parity check FAILED: onnxruntime differs from torch by {worst:.2e} in "
+            f"{name} > tolerance {_allowed(name, net, tolerance):.1e}; the model was not written"
         )
     return {**diffs, "same_class": same_class}
+
+
+# A normal-only map is a nearest-neighbour distance in units of the threshold, computed as
+# sqrt(|f|^2 + |b|^2 - 2 f.b): in float32 a cell close to a good patch (map ~0.1) loses about
+# 1e-3 of the threshold to cancellation, in torch and onnxruntime alike but not identically.
+# Decisions (probs) keep the plain tolerance; the map may differ by up to 0.5% of the threshold.
+NORMAL_MAP_TOLERANCE = 5e-3
+
+
+def _allowed(name: str, net: ScoringNet, tolerance: float) -> float:
+    if name == "defect_map" and hasattr(net.net, "scoring"):
+        return max(tolerance, NORMAL_MAP_TOLERANCE)
+    return tolerance
 
 
 def _feeds(inputs: tuple) -> dict[str, np.ndarray]:
