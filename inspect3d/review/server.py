@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import signal
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -228,7 +229,9 @@ def _plain(row) -> dict:
 
 def serve(state: str | Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
           reviewer: str | None = None) -> None:  # fmt: skip
-    """Serve the review page until Ctrl-C."""
+    """Serve the review page until Ctrl-C (SIGINT)."""
+    # a process started in the background by a shell inherits SIGINT ignored: stop on it anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     shop.open_store(state).close()  # a clear error now, not on the first request
     if not is_loopback(host) and token is not None and len(token) < 12:
         raise InspectError(f"token of {len(token)} characters is too short: use 12 or more")
