@@ -29,7 +29,7 @@ import torch
 
 from inspect3d.config import compose
 from inspect3d.data.manifest import Item
-from inspect3d.data.parts import part_cells, read_part_mask
+from inspect3d.data.parts import cells_from_masks
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.metrics import wilson_interval
@@ -75,12 +75,7 @@ def score(
 
 
 def cells_of(net, pre: Preprocess, masks: list[Path | None]) -> torch.Tensor:
-    grid = net.features.grid(*pre.size)
-    cells = np.zeros((len(masks), 1, *grid), np.float32)
-    for i, path in enumerate(masks):
-        if path is not None:
-            cells[i, 0] = part_cells(read_part_mask(path), grid)
-    return torch.from_numpy(cells)
+    return torch.from_numpy(cells_from_masks(masks, net.features.grid(*pre.size)))
 
 
 def rate(k: int, n: int) -> dict:

@@ -35,3 +35,14 @@ def part_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     h, w = grid
     frac = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
     return cv2.dilate((frac > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+
+
+def cells_from_masks(masks: list, grid: tuple[int, int]) -> np.ndarray:
+    """Part cells (N, 1, h, w) float32 from part masks: bool/uint8 arrays at the layer's size
+    or mask files; None where a layer has no mask (no part cell)."""
+    cells = np.zeros((len(masks), 1, *grid), np.float32)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            m = read_part_mask(mask) if isinstance(mask, str | Path) else np.asarray(mask) > 0
+            cells[i, 0] = part_cells(m, grid)
+    return cells

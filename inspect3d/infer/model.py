@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from inspect3d.data.parts import part_cells, read_part_mask
+from inspect3d.data.parts import cells_from_masks
 from inspect3d.errors import InspectError
 from inspect3d.infer.metadata import INPUT_NAME, PARTS_INPUT, ModelMeta
 from inspect3d.infer.providers import GPU_PROVIDERS, check_active, resolve_providers
@@ -171,12 +171,7 @@ class OnnxModel:
         part input."""
         if self.part_grid is None:
             return None
-        cells = np.zeros((len(masks), 1, *self.part_grid), np.float32)
-        for i, mask in enumerate(masks):
-            if mask is not None:
-                m = read_part_mask(mask) if isinstance(mask, str | Path) else np.asarray(mask)
-                cells[i, 0] = part_cells(m > 0, self.part_grid)
-        return cells
+        return cells_from_masks(masks, self.part_grid)
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         binding = self.session.io_binding()

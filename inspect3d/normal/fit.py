@@ -246,15 +246,14 @@ def calibration_folds(items: list[Item], images: np.ndarray, k: int) -> np.ndarr
     """Folds of whole jobs when the good layers come from 2 or more jobs (each fold is then
     scored as new jobs are: by a scorer that saw none of its jobs), at most ``k`` of them;
     else ``k`` contiguous folds of the layer sequence."""
-    jobs = [it.job for it in items]
-    if None not in jobs and len(set(jobs)) >= 2:
-        order = {j: i for i, j in enumerate(dict.fromkeys(jobs))}
+    if _by_job(items):
+        order = {j: i for i, j in enumerate(dict.fromkeys(it.job for it in items))}
         n_folds = min(len(order), k)
         log.info(
             "calibrating on %d jobs in %d folds, each scored by a model fitted on the others",
             len(order), n_folds,
         )  # fmt: skip
-        return np.array([order[j] * n_folds // len(order) for j in jobs])
+        return np.array([order[it.job] * n_folds // len(order) for it in items])
     return fold_ids(images, min(k, len(items)))
 
 
@@ -424,7 +423,7 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
         "n_normal": len(items),
         "n_defect": 0,
         "n_folds": len(set(folds.tolist())),
-        "folds_by": "job" if len(set(folds.tolist())) > 1 and _by_job(items) else "block",
+        "folds_by": "job" if _by_job(items) else "block",
         "input_size": [pre.height, pre.width],
         "roi": node["roi"],
         "bank": {
@@ -475,6 +474,7 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
 
 
 def _by_job(items: list[Item]) -> bool:
+    """Calibration folds hold whole jobs: every layer's job is known and there are 2+."""
     jobs = [it.job for it in items]
     return None not in jobs and len(set(jobs)) >= 2
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from inspect3d.data.layout import list_images
 from inspect3d.data.manifest import Item
-from inspect3d.data.parts import PARTS_DIR, part_cells, read_part_mask
+from inspect3d.data.parts import PARTS_DIR, cells_from_masks
 from inspect3d.data.preprocess import Preprocess, read_image
 from inspect3d.data.sources import load_data, load_items
 from inspect3d.data.splits import assign_groups
@@ -157,15 +157,10 @@ def _part_cells(net: ScoringNet, items: list[Item], cfg: Any, pre: Preprocess):
         return None
     folder = Path(root).expanduser() / PARTS_DIR
     grid = inner.features.grid(pre.height, pre.width)
-    cells = np.zeros((len(items), 1, *grid), np.float32)
-    found = 0
-    for i, it in enumerate(items):
-        mask = folder / Path(it.path).name
-        if mask.is_file():
-            cells[i, 0] = part_cells(read_part_mask(mask), grid)
-            found += 1
-    log.info("part masks for %d of %d layers (%s)", found, len(items), folder)
-    return cells
+    masks = [m if (m := folder / Path(it.path).name).is_file() else None for it in items]
+    log.info("part masks for %d of %d layers (%s)", sum(m is not None for m in masks), len(items),
+             folder)  # fmt: skip
+    return cells_from_masks(masks, grid)
 
 
 def _by_source_class(
