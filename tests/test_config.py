@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from inspect3d.config import CONFIG_DIR
 from inspect3d.data.sources import preprocess_of
 from inspect3d.train.checkpoint import model_from_config
+from inspect3d.train.freeze import optimizer_factory
 
 from conftest import compose
 
@@ -44,8 +44,9 @@ def test_every_model_config_instantiates(model):
 @pytest.mark.parametrize("optim", group("optim"))
 def test_every_optimiser_config_instantiates(optim):
     cfg = compose("train", [f"optim={optim}"])
-    opt = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(2))])
-    assert isinstance(opt, torch.optim.Optimizer)
+    ctor, backbone_lr_scale = optimizer_factory(cfg.optim)
+    opt = ctor([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, torch.optim.Optimizer) and backbone_lr_scale >= 0
 
 
 @pytest.mark.parametrize("trainer", group("trainer"))

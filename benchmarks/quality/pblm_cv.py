@@ -6,7 +6,8 @@ blocks are dealt to folds and ``purge_gap`` neighbours of a held-out block leave
 
 - ``per_image``: default model, per-image normalisation + brightness/contrast jitter;
 - ``fixed``: default model, fixed normalisation, no jitter (may use the brightness shortcut);
-- ``lite0``: ImageNet EfficientNet-Lite0, frozen, per-image normalised input, linear probe;
+- ``lite0``: ImageNet EfficientNet-Lite0, frozen, per-image normalised input, a trained head
+  (``inspect3d train model=efficientnet_lite0 model.freeze=true``, lite0_probe.py);
 - baselines (always run, cheap): brightness only; 1-NN on 16x16 thumbnails, raw and
   per-image normalised.
 
@@ -29,8 +30,6 @@ import numpy as np
 
 from inspect3d.data.manifest import class_list, scan_folder
 from inspect3d.data.preprocess import Preprocess, resize
-from inspect3d.data.sources import subsample
-from inspect3d.data.splits import Split
 from inspect3d.metrics import summarize
 from inspect3d.train.dataset import load_layers
 
@@ -45,7 +44,7 @@ LABELS = {
     "nn_norm": "1-NN, 16x16 thumbnails, per-image normalised",
     "per_image": "smallcnn, per-image norm + jitter",
     "fixed": "smallcnn, fixed norm (shortcut allowed)",
-    "lite0": "EfficientNet-Lite0 ImageNet, frozen + linear probe, per-image norm",
+    "lite0": "EfficientNet-Lite0 ImageNet, frozen + trained head (model.freeze), per-image norm",
 }
 
 
@@ -123,11 +122,6 @@ def run_variant(
     probs = np.zeros((len(items), k))
     per_fold = []
     feats = thumbnail_features(thumbs) if thumbs is not None else None
-    if variant == "lite0":  # every n-th layer only: a frozen backbone pass is costly on CPU
-        keep = set(subsample(items, list(range(len(items))), args.lite0_every))
-        splits = [restrict(split, keep) for split in splits]
-        lite0, feature_s = lite0_features(items, sorted(keep), args)
-        t0 -= feature_s  # a cached extraction still counts in the row's minutes
     for fold, split in enumerate(splits):
         t = time.time()
         extra: dict = {}
@@ -136,7 +130,7 @@ def run_variant(
                 feats[variant], y, split, k, centroid=variant == "brightness"
             )
         elif variant == "lite0":
-            p = linear_probe(lite0, y, split, k)
+            p, extra = lite0_predictions(root, fold, args)
         else:
             p, extra = cnn_predictions(root, variant, fold, args)
         probs[split.val] = p
@@ -165,39 +159,16 @@ def run_variant(
     }
 
 
-def restrict(split: Split, keep: set[int]) -> Split:
-    return Split(
-        train=[i for i in split.train if i in keep],
-        val=[i for i in split.val if i in keep],
-        groups=split.groups,
+def lite0_predictions(root: Path, fold: int, args) -> tuple[np.ndarray, dict]:
+    """The frozen-Lite0 probe (``inspect3d train model.freeze=true``) on one fold, trained on
+    every ``lite0_every``-th training layer (a backbone pass per layer is costly on a CPU)."""
+    from lite0_probe import probe_predictions
+
+    extra = [f"data.fold={fold}", f"data.subsample={args.lite0_every}", "data.norm=per_image"]
+    probs, metrics = probe_predictions(
+        overrides(root, args) + extra, common.WORK / NAME / "lite0" / f"fold{fold}"
     )
-
-
-def lite0_features(items, indices: list[int], args) -> tuple[np.ndarray, float]:
-    """Frozen ImageNet EfficientNet-Lite0 features (mean and max pooled) of the chosen layers
-    (rows of the others stay zero)."""
-    from lite0_probe import pooled_features
-
-    cache = common.WORK / NAME / f"lite0-features-{args.size}px-every{args.lite0_every}.npy"
-    seconds = cache.with_suffix(".seconds.txt")
-    if cache.is_file():  # the backbone is frozen: its features depend on nothing else
-        feats = np.load(cache)
-    else:
-        t = time.time()
-        pre = Preprocess(height=args.size, width=args.size, channels=1, norm="per_image")
-        feats = pooled_features([items[i] for i in indices], pre)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, feats)
-        seconds.write_text(f"{time.time() - t:.0f}\n")
-    out = np.zeros((len(items), feats.shape[1]), np.float32)
-    out[indices] = feats
-    return out, float(seconds.read_text()) if seconds.is_file() else 0.0
-
-
-def linear_probe(feats: np.ndarray, y: np.ndarray, split, k: int) -> np.ndarray:
-    from lite0_probe import fit_predict
-
-    return fit_predict(feats[split.train], y[split.train], feats[split.val], k, seed=common.SEED)
+    return probs, {"best_epoch": metrics["best_epoch"]}
 
 
 def main() -> None:
@@ -208,7 +179,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--subsample", type=int, default=8)
-    ap.add_argument("--lite0-every", type=int, default=2, help="lite0 row: every n-th layer")
+    ap.add_argument("--lite0-every", type=int, default=2, help="lite0: every n-th training layer")
     ap.add_argument("--quick", action="store_true", help="baselines only (seconds)")
     args = ap.parse_args()
     m = common.print_machine()
@@ -299,9 +270,10 @@ def section(r: dict) -> str:
             f"CNNs: inspect3d's `train` per fold at {s['size']} px, {s['epochs']} epochs, every "
             f"{s['subsample']}th training layer, batch {s['batch_size']}, CPU; the best epoch by "
             "held-out macro-F1 is kept (as `inspect3d train` does), which flatters the CNN rows "
-            "slightly. Baselines use every training layer. The EfficientNet-Lite0 row uses every "
-            f"{s.get('lite0_every', 2)}nd layer of each class folder (training and held-out side) "
-            "to fit the CPU budget, hence its smaller N. Pooled = each layer predicted once "
+            "slightly. Baselines use every training layer. The EfficientNet-Lite0 row is "
+            "`inspect3d train model=efficientnet_lite0 model.freeze=true` (frozen backbone, head "
+            f"trained on cached features) on every {s.get('lite0_every', 2)}nd training layer, "
+            "scored on every held-out layer. Pooled = each layer predicted once "
             "by the fold model that did not train on its block; 95% CIs from a bootstrap over "
             "blocks (1000 resamples). Defect AUROC = defect vs No_Defect on 1 - P(No_Defect); "
             "pooled over folds it mixes five models' scores.",

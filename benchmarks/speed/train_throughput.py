@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from common import RESULTS, machine_line
 from common import write_section as write_doc
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from inspect3d.config import compose
@@ -33,6 +32,7 @@ from inspect3d.data.sources import preprocess_of
 from inspect3d.data.synth import SynthConfig, render_job
 from inspect3d.train.checkpoint import model_from_config
 from inspect3d.train.dataset import MASK_STRIDE, LayerDataset
+from inspect3d.train.freeze import make_optimizer
 from inspect3d.train.loop import StepTimes, autocast, memory_format, train_one_epoch
 
 CLASSES = ["ok", "short_feed", "spatter", "streak", "super_elevation"]
@@ -59,7 +59,7 @@ def training_parts(size: int, device: torch.device):
     pre = preprocess_of(cfg.data)
     model = model_from_config(OmegaConf.to_container(cfg.model), len(CLASSES), pre).to(device)
     model.to(memory_format=memory_format(device))
-    optimizer = instantiate(cfg.optim)(model.parameters())
+    optimizer = make_optimizer(cfg.optim, model, 1.0)
     return cfg, model, optimizer
 
 

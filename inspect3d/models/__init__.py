@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
-from inspect3d.models.layernet import LayerNet, Normalize, ScoringNet
+from inspect3d.models.layernet import HeadNet, LayerNet, Normalize, ScoringNet
 from inspect3d.models.smallcnn import SmallCNN
 
 MODEL_NAMES = (
@@ -16,7 +16,19 @@ MODEL_NAMES = (
     "efficientnet_lite0",
 )
 
-__all__ = ["MODEL_NAMES", "LayerNet", "Normalize", "ScoringNet", "build_model"]
+# keys of configs/model/*.yaml that say how to train the model, not how to build it
+TRAINING_KEYS = ("freeze", "freeze_epochs")
+
+__all__ = [
+    "MODEL_NAMES",
+    "TRAINING_KEYS",
+    "HeadNet",
+    "LayerNet",
+    "Normalize",
+    "ScoringNet",
+    "build_model",
+    "has_pretrained_backbone",
+]
 
 
 def build_model(
@@ -44,7 +56,15 @@ def build_model(
         from inspect3d.models.backbones import torchvision_backbone
 
         backbone, channels = torchvision_backbone(name, pre.channels, pretrained)
-    return LayerNet(backbone, channels, num_classes, pre, pool_r=pool_r, dropout=dropout)
+    net = LayerNet(backbone, channels, num_classes, pre, pool_r=pool_r, dropout=dropout)
+    net.pretrained_backbone = has_pretrained_backbone(name, pretrained)
+    return net
+
+
+def has_pretrained_backbone(name: str, pretrained: bool) -> bool:
+    """Whether ``build_model(name, pretrained=...)`` loads ImageNet weights into its backbone
+    (smallcnn has none to load)."""
+    return bool(pretrained) and name in MODEL_NAMES and name != "smallcnn"
 
 
 def lite_backbone(pre: Preprocess, pretrained: bool):

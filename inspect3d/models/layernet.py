@@ -54,13 +54,50 @@ class LayerNet(nn.Module):
         self.head = nn.Conv2d(feature_channels, num_classes, kernel_size=1)
         self.pool_r = pool_r
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit_map = self.head(self.dropout(self.backbone(self.normalize(x))))
+        self.pretrained_backbone = False  # set by build_model: ImageNet weights were loaded
+        self.backbone_frozen = False
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features of pixels (N, C, H, W): what the head reads."""
+        return self.backbone(self.normalize(x))
+
+    def classify(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head and pooling: features -> (layer logits (N, K), logit map (N, K, h, w))."""
+        logit_map = self.head(self.dropout(features))
         flat = logit_map.flatten(2)
         if self.pool_r <= 0:
             return flat.mean(dim=2), logit_map
         pooled = torch.logsumexp(flat * self.pool_r, dim=2) - math.log(flat.shape[2])
         return pooled / self.pool_r, logit_map
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classify(self.features(x))
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Stop (or restart) training the backbone: no gradients, and its BatchNorm statistics
+        stay those of the pretrained weights (the backbone stays in eval mode while frozen)."""
+        self.backbone_frozen = frozen
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> LayerNet:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+
+class HeadNet(nn.Module):
+    """The head of a LayerNet on features computed once (a probe on a frozen backbone): the
+    same parameters, so training it trains the LayerNet's head."""
+
+    def __init__(self, net: LayerNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.classify(features.float())  # cached as float16
 
 
 class ScoringNet(nn.Module):

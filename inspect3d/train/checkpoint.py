@@ -17,7 +17,7 @@ from inspect3d import __version__
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
 from inspect3d.io import save_atomic
-from inspect3d.models import build_model
+from inspect3d.models import TRAINING_KEYS, build_model
 
 FORMAT = "inspect3d-checkpoint/1"
 BUILDER = "inspect3d.models.build_model"
@@ -32,7 +32,8 @@ def config_hash(config: dict) -> str:
 
 def model_from_config(model_cfg: dict, num_classes: int, pre: Preprocess) -> torch.nn.Module:
     """Build the network a ``configs/model/*.yaml`` node describes."""
-    kwargs = {k: v for k, v in model_cfg.items() if k not in ("_target_", "_partial_")}
+    skip = ("_target_", "_partial_", *TRAINING_KEYS)
+    kwargs = {k: v for k, v in model_cfg.items() if k not in skip}
     target = model_cfg.get("_target_", BUILDER)
     if target == NORMAL_BUILDER:  # a normal-only model (inspect3d fit-normal)
         from inspect3d.normal.patch import build_normal_net

@@ -83,7 +83,7 @@ def train_one_epoch(
     scheduler,
     scaler,
     device: torch.device,
-    aug: dict,
+    aug: dict | None,
     gen: torch.Generator,
     amp: bool,
     grad_clip: float,
@@ -126,13 +126,16 @@ def train_one_epoch(
     return total / max(count, 1)
 
 
-def _prepare(batch, device: torch.device, aug: dict, gen: torch.Generator):
+def _prepare(batch, device: torch.device, aug: dict | None, gen: torch.Generator):
     """Copy a batch to the device as uint8 (4x fewer bytes than float) and augment it there;
     ``known`` stays on the host, where testing it costs no device synchronisation."""
     x, y, mask, known = batch
     x = x.to(device, non_blocking=True)
     mask = mask.to(device, non_blocking=True)
-    x, mask = augment(x, mask, gen=gen, **aug)
+    if aug is None:  # features computed once (a probe): nothing to augment
+        x = x.float()
+    else:
+        x, mask = augment(x, mask, gen=gen, **aug)
     x = to_memory_format(x)
     return x, y.to(device, non_blocking=True), mask, known
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from inspect3d.data.sources import LayerData, load_data, preprocess_of
 from inspect3d.io import write_json_atomic
 from inspect3d.metrics import calibrate_threshold, summarize
+from inspect3d.models import HeadNet
 from inspect3d.train import distributed
 from inspect3d.train.checkpoint import (
     config_hash,
@@ -26,6 +26,7 @@ from inspect3d.train.checkpoint import (
     save_checkpoint,
 )
 from inspect3d.train.dataset import LayerDataset, load_layers, load_masks
+from inspect3d.train.freeze import feature_dataset, freeze_plan, make_optimizer
 from inspect3d.train.loop import StepTimes, memory_format, predict, train_one_epoch
 from inspect3d.train.plots import plot_confusion, plot_curves
 
@@ -59,13 +60,17 @@ def make_loaders(data: LayerData, pre, trainer: Any, seed: int) -> Loaders:
         rows = [pos[i] for i in idx]
         return LayerDataset(images[rows], [labels[i] for i in idx], (masks[rows], known[rows]))
 
+    return loaders_of(subset(data.train), subset(data.val), trainer, seed)
+
+
+def loaders_of(train_set, val_set, trainer: Any, seed: int) -> Loaders:
+    """Shuffled (under DDP: sharded) training batches and in-order validation batches."""
     gen = torch.Generator().manual_seed(seed)
     opts = {
         "batch_size": trainer.batch_size,
         "num_workers": trainer.num_workers,
         "pin_memory": torch.cuda.is_available(),
     }
-    train_set = subset(data.train)
     sampler = distributed.train_sampler(train_set, seed)
     n = len(train_set) if sampler is None else len(sampler)
     return Loaders(
@@ -77,7 +82,7 @@ def make_loaders(data: LayerData, pre, trainer: Any, seed: int) -> Loaders:
             drop_last=n > trainer.batch_size,
             **opts,
         ),
-        val=torch.utils.data.DataLoader(subset(data.val), shuffle=False, **opts),
+        val=torch.utils.data.DataLoader(val_set, shuffle=False, **opts),
         sampler=sampler,
     )
 
@@ -133,6 +138,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, Path]:
 
 
 def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, Path]:
+    plan = freeze_plan(cfg.model, cfg.optim, cfg.trainer.epochs)  # bad settings fail first
     seed_everything(cfg.seed)
     with distributed.main_first():  # e.g. a synthetic set is generated once, by rank 0
         data = load_data(cfg.data, cfg.seed)
@@ -141,9 +147,20 @@ def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, 
     _log_scale(cfg.trainer, device)
     loaders = make_loaders(data, pre, cfg.trainer, cfg.seed)
     model = model_from_config(OmegaConf.to_container(cfg.model), len(data.classes), pre).to(device)
-    state = _Training(cfg, data, pre, model, loaders, device, out_dir)
+    if plan.probe:
+        model.freeze_backbone(True)
+        loaders = probe_loaders(model, loaders, cfg, device)
+    state = _Training(cfg, data, pre, model, loaders, device, out_dir, plan)
     state.fit()
     return state.finish()
+
+
+def probe_loaders(model, loaders: Loaders, cfg: DictConfig, device: torch.device) -> Loaders:
+    """model.freeze=true: batches of backbone features computed once instead of pixels."""
+    amp = bool(cfg.trainer.amp) and device.type == "cuda"
+    train_set = feature_dataset(model, loaders.train.dataset, device, amp)
+    val_set = feature_dataset(model, loaders.val.dataset, device, amp)
+    return loaders_of(train_set, val_set, cfg.trainer, cfg.seed)
 
 
 def _log_data(data: LayerData) -> None:
@@ -173,16 +190,19 @@ def _log_scale(trainer: Any, device: torch.device) -> None:
 class _Training:
     """State of one run: model, optimiser, history; epochs, checkpoints and the final report."""
 
-    def __init__(self, cfg, data, pre, model, loaders, device, out_dir) -> None:
+    def __init__(self, cfg, data, pre, model, loaders, device, out_dir, plan) -> None:
         self.cfg, self.data, self.pre, self.model = cfg, data, pre, model
         self.loaders, self.device, self.out_dir = loaders, device, out_dir
+        self.plan = plan
+        # what batches go through: the whole net, or only its head on cached features (probe)
+        self.scorer = HeadNet(model) if plan.probe else model
         t = cfg.trainer
         labels = data.labels()
         weights = class_weights([labels[i] for i in data.train], len(data.classes), t.class_weights)
         self.criterion = torch.nn.CrossEntropyLoss(
             weight=None if weights is None else weights.to(device)
         )
-        self.optimizer = instantiate(cfg.optim)(model.parameters())
+        self.optimizer = make_optimizer(cfg.optim, model, plan.backbone_lr_scale)
         steps = (
             len(loaders.train)
             if t.max_steps_per_epoch is None
@@ -200,7 +220,7 @@ class _Training:
         self.meta = self._meta()
         if t.resume:
             self._resume(t.resume)
-        self.net = distributed.wrap(model, device)  # what trains; self.model is what is saved
+        self.net = distributed.wrap(self.scorer, device)  # trains; self.model is saved
 
     def _meta(self) -> dict:
         config = OmegaConf.to_container(self.cfg, resolve=True)
@@ -232,7 +252,10 @@ class _Training:
             "hflip": self.cfg.data.hflip,
             "vflip": self.cfg.data.vflip,
         }
+        if self.plan.probe:
+            aug = None  # the features were computed once, from the layers as they are
         for epoch in range(self.start_epoch, t.epochs + 1):
+            self._set_frozen(epoch)
             seed = self.cfg.seed * 1000 + epoch  # same epoch, same randomness
             torch.manual_seed(seed + 7919 * distributed.rank())  # ranks draw apart
             self.loaders.train.generator.manual_seed(seed)
@@ -260,8 +283,23 @@ class _Training:
             )
             self._end_epoch(epoch, self._epoch_speed(loss, times))
 
+    def _set_frozen(self, epoch: int) -> None:
+        """model.freeze_epochs: the backbone is frozen up to that epoch, then trains."""
+        frozen = self.plan.frozen_at(epoch)
+        if self.plan.probe or frozen == self.model.backbone_frozen:
+            return
+        self.model.freeze_backbone(frozen)
+        self.net = distributed.wrap(self.scorer, self.device)  # DDP registers trained params
+        log.info(
+            "epoch %d: %s",
+            epoch,
+            "head only (backbone frozen)"
+            if frozen
+            else f"whole net (backbone lr x {self.plan.backbone_lr_scale})",
+        )
+
     def _validate(self) -> tuple[dict, np.ndarray, np.ndarray, float]:
-        probs, labels, logits = predict(self.model, self.loaders.val, self.device, self.amp)
+        probs, labels, logits = predict(self.scorer, self.loaders.val, self.device, self.amp)
         val_loss = (
             float(
                 self.criterion(
@@ -350,7 +388,7 @@ class _Training:
             speed["step_ms"],
             f"; layers per rank {ranks}" if len(ranks) > 1 else "",
         )
-        if speed["data_wait"] > DATA_WAIT_GOAL:
+        if speed["data_wait"] > DATA_WAIT_GOAL and not self.plan.probe:  # probe steps are tiny
             log.warning(
                 "training waited for batches %.0f%% of the time (goal < %.0f%%): raise "
                 "trainer.num_workers (now %d); the layers are already decoded and cached in "
