@@ -33,6 +33,24 @@ class SynthSettings:
 
 
 @dataclass
+class AugmentConfig:
+    """``data.augment``: training-only augmentation for camera and printer shift
+    (inspect3d.train.augment). Each is applied to a random share ``p`` of the training layers at
+    a strength drawn up to its value; 0 turns one off, ``data/augment=none`` all of them."""
+
+    p: float = 0.5
+    scale: float = 0.1  # zoom by a factor in [1/(1+s), 1+s]
+    crop: float = 0.05  # crop offset, up to this fraction of the layer size
+    rotate: float = 3.0  # degrees
+    perspective: float = 0.03  # corners moved by up to this fraction of the size
+    blur: float = 0.8  # Gaussian sigma, pixels of the model input (1-3 px streaks must stay)
+    noise: float = 3.0  # sensor noise sigma, grey levels
+    gamma: float = 0.2  # tone-curve exponent in [1/(1+g), 1+g]
+    white_balance: float = 0.08  # colour layers: gain per channel 1 +- this
+    colour: float = 0.2  # colour layers: saturation 1 +- this
+
+
+@dataclass
 class DataConfig:
     kind: str = "folder"  # folder | manifest | synth
     root: str = MISSING
@@ -44,7 +62,7 @@ class DataConfig:
     # preprocessing (inspect3d.data.preprocess.Preprocess)
     height: int = 512
     width: int = 512
-    channels: int = 1
+    channels: int | None = None  # 1 grey, 3 colour; null: detected from the layers (logged)
     norm: str = "per_image"  # per_image | fixed
     mean: float = 0.5
     std: float = 0.25
@@ -54,10 +72,11 @@ class DataConfig:
     block_size: int = 16
     purge_gap: int = 2
     subsample: int = 1  # train on every n-th layer of a sequence (neighbours look alike)
-    # augmentation (training only)
+    # augmentation (training only): flips, brightness/contrast, and camera shift (augment)
     jitter: float = 0.2  # brightness and contrast jitter, as a fraction
     hflip: bool = True
     vflip: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     synth: SynthSettings = field(default_factory=SynthSettings)
 
 

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from inspect3d.config import compose
 from inspect3d.data.sources import preprocess_of
 from inspect3d.data.synth import SynthConfig, render_job
+from inspect3d.train.augment import augment_settings
 from inspect3d.train.checkpoint import model_from_config
 from inspect3d.train.dataset import MASK_STRIDE, LayerDataset
 from inspect3d.train.freeze import make_optimizer
@@ -88,7 +89,7 @@ class Bench:
             generator=torch.Generator().manual_seed(0),
         )
         times = StepTimes()
-        aug = {k: self.cfg.data[k] for k in ("jitter", "hflip", "vflip")}
+        aug = augment_settings(self.cfg.data)
         t = self.cfg.trainer
         train_one_epoch(
             self.model,

@@ -207,3 +207,39 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3 and image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     return image
+
+
+COLOUR_SPREAD = 4.0  # mean (max - min) over R, G, B in grey levels above which an image is colour
+CHANNEL_SAMPLE = 24  # images decoded (small) to tell grey layers from colour photos
+
+
+def colour_spread(path: str | Path) -> float:
+    """Mean over pixels of max(R, G, B) - min(R, G, B), from a small decode (0 for grey files;
+    a grey scene saved as a colour JPEG stays within a level or two)."""
+    image = resize(read_image(path, 3, (64, 64)), 64, 64).astype(np.int16)
+    return float((image.max(2) - image.min(2)).mean())
+
+
+def detect_channels(paths: list[str | Path]) -> tuple[int, int, int]:
+    """(channels, colour images, images looked at): 3 when most of an even sample of the files
+    are colour photos (their channels differ), else 1."""
+    if not paths:
+        return 1, 0, 0
+    step = max(1, len(paths) // CHANNEL_SAMPLE)
+    sample = list(paths)[::step][:CHANNEL_SAMPLE]
+    colour = sum(colour_spread(p) > COLOUR_SPREAD for p in sample)
+    return (3 if 2 * colour > len(sample) else 1), colour, len(sample)
+
+
+def check_channels(model_channels: int, paths: list[str | Path], source: str) -> None:
+    """A colour model given grey layers (or a grey model given colour photos) is an error."""
+    found, colour, n = detect_channels(paths)
+    if found == model_channels:
+        return
+    kinds = {1: "grey layers (data.channels=1)", 3: "colour layers (data.channels=3)"}
+    raise InspectError(
+        f"the model was trained on {kinds[model_channels]}, but {source} holds "
+        f"{kinds[found].split(' (')[0]} ({colour} of {n} sampled images in colour): score it "
+        f"on {kinds[model_channels].split(' (')[0]}, or train a model on these with "
+        f"data.channels={found}; pass data.channels={model_channels} to convert them anyway"
+    )

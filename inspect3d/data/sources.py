@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inspect3d.data.manifest import Item, class_list, read_manifest, scan_folder
-from inspect3d.data.preprocess import Preprocess
+from inspect3d.data.preprocess import Preprocess, detect_channels
 from inspect3d.data.splits import kfold_split, sequences
 from inspect3d.errors import InspectError
 
@@ -30,15 +30,32 @@ class LayerData:
         return [index[it.label] for it in self.items]
 
 
-def preprocess_of(data: Any) -> Preprocess:
+def preprocess_of(data: Any, items: list[Item] | None = None) -> Preprocess:
+    """The preprocessing ``data`` asks for; without ``data.channels``, grey or colour as the
+    layers are (``items``, else the data set's), and the choice is logged."""
     return Preprocess(
         height=data.height,
         width=data.width,
-        channels=data.channels,
+        channels=data.channels or channels_of(data, items),
         norm=data.norm,
         mean=data.mean,
         std=data.std,
     )
+
+
+def channels_of(data: Any, items: list[Item] | None) -> int:
+    """1 or 3, detected from the layers: colour when most sampled images' channels differ."""
+    items = load_items(data) if items is None else items
+    channels, colour, n = detect_channels([it.path for it in items])
+    log.info(
+        "data.channels not set: %d of %d sampled layers are colour, so the model sees %s "
+        "(data.channels=%d; set data.channels to choose)",
+        colour,
+        n,
+        "colour" if channels == 3 else "grey",
+        channels,
+    )
+    return channels
 
 
 def load_items(data: Any, root: str | None = None) -> list[Item]:

@@ -1,4 +1,4 @@
-"""Torch side of the data: a cached dataset of preprocessed layers, and batch augmentation."""
+"""Torch side of the data: a cached dataset of preprocessed layers (augmentation: augment.py)."""
 
 from __future__ import annotations
 
@@ -91,32 +91,3 @@ class LayerDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         return self.images[i], self.labels[i], self.masks[i], self.known[i]
-
-
-def augment(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    jitter: float,
-    hflip: bool,
-    vflip: bool,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips (of layer and mask) and brightness/contrast jitter; returns float 0..255.
-
-    Runs on whatever device ``x`` is on (the GPU, in training); the random numbers come from the
-    CPU generator ``gen`` either way, so a seed gives the same augmentation on CPU and GPU.
-    """
-    x, mask = x.float(), mask.clone()
-    n = x.shape[0]
-    for enabled, dim in ((hflip, -1), (vflip, -2)):
-        if enabled:
-            flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
-            x[flip] = x[flip].flip(dim)
-            mask[flip] = mask[flip].flip(dim)
-    if jitter > 0:
-        shape = (n, 1, 1, 1)
-        contrast = (1 + (torch.rand(shape, generator=gen) * 2 - 1) * jitter).to(x.device)
-        brightness = ((torch.rand(shape, generator=gen) * 2 - 1) * jitter * 128).to(x.device)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = ((x - mean) * contrast + mean + brightness).clamp_(0, 255)
-    return x, mask

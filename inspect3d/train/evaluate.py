@@ -17,7 +17,7 @@ from tqdm import tqdm
 from inspect3d.data.layout import list_images
 from inspect3d.data.manifest import Item
 from inspect3d.data.parts import PARTS_DIR, cells_from_masks
-from inspect3d.data.preprocess import Preprocess, read_image
+from inspect3d.data.preprocess import Preprocess, check_channels, read_image
 from inspect3d.data.sources import load_data, load_items
 from inspect3d.data.splits import assign_groups
 from inspect3d.errors import InspectError
@@ -100,6 +100,14 @@ def _eval_items(cfg: Any, ckpt: dict) -> tuple[list[Item], list[str], str]:
             f"validation split of {(data_cfg or trained.data).root}",
         )
     items = load_items(data_cfg)
+    model_channels = int(ckpt["preprocess"]["channels"])
+    if data_cfg.get("channels") not in (None, model_channels):
+        raise InspectError(
+            f"data.channels={data_cfg.channels} but the model takes "
+            f"{model_channels}-channel layers: drop data.channels or pass {model_channels}"
+        )
+    if data_cfg.get("channels") is None:  # data.channels=<the model's> converts them anyway
+        check_channels(model_channels, [it.path for it in items], repr(str(data_cfg.root)))
     if data_cfg.normal_class != ckpt["normal_class"]:
         raise InspectError(
             f"data.normal_class={data_cfg.normal_class!r} but the model's normal class is "

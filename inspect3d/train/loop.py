@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from inspect3d.errors import InspectError
-from inspect3d.train.dataset import augment
+from inspect3d.train.augment import AugmentSettings, augment
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def train_one_epoch(
     scheduler,
     scaler,
     device: torch.device,
-    aug: dict | None,
+    aug: AugmentSettings | None,
     gen: torch.Generator,
     amp: bool,
     grad_clip: float,
@@ -126,7 +126,7 @@ def train_one_epoch(
     return total / max(count, 1)
 
 
-def _prepare(batch, device: torch.device, aug: dict | None, gen: torch.Generator):
+def _prepare(batch, device: torch.device, aug: AugmentSettings | None, gen: torch.Generator):
     """Copy a batch to the device as uint8 (4x fewer bytes than float) and augment it there;
     ``known`` stays on the host, where testing it costs no device synchronisation."""
     x, y, mask, known = batch
@@ -135,7 +135,7 @@ def _prepare(batch, device: torch.device, aug: dict | None, gen: torch.Generator
     if aug is None:  # features computed once (a probe): nothing to augment
         x = x.float()
     else:
-        x, mask = augment(x, mask, gen=gen, **aug)
+        x, mask = augment(x, mask, aug, gen)
     x = to_memory_format(x)
     return x, y.to(device, non_blocking=True), mask, known
 

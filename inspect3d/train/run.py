@@ -18,6 +18,7 @@ from inspect3d.io import write_json_atomic
 from inspect3d.metrics import calibrate_threshold, summarize
 from inspect3d.models import HeadNet
 from inspect3d.train import distributed
+from inspect3d.train.augment import augment_settings
 from inspect3d.train.checkpoint import (
     config_hash,
     load_checkpoint,
@@ -142,7 +143,7 @@ def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, 
     seed_everything(cfg.seed)
     with distributed.main_first():  # e.g. a synthetic set is generated once, by rank 0
         data = load_data(cfg.data, cfg.seed)
-    pre = preprocess_of(cfg.data)
+    pre = preprocess_of(cfg.data, data.items)
     _log_data(data)
     _log_scale(cfg.trainer, device)
     loaders = make_loaders(data, pre, cfg.trainer, cfg.seed)
@@ -247,11 +248,7 @@ class _Training:
 
     def fit(self) -> None:
         t = self.cfg.trainer
-        aug = {
-            "jitter": self.cfg.data.jitter,
-            "hflip": self.cfg.data.hflip,
-            "vflip": self.cfg.data.vflip,
-        }
+        aug = augment_settings(self.cfg.data)
         if self.plan.probe:
             aug = None  # the features were computed once, from the layers as they are
         for epoch in range(self.start_epoch, t.epochs + 1):
