@@ -1,9 +1,10 @@
 """The ``inspect3d`` command: one entry point, one sub-command per stage of the flow.
 
 synth, train, fit-normal, eval and export take Hydra overrides (``key=value``; train also
-``-m`` sweeps); predict, fetch and status take ordinary options; watch, simulate, report,
-review and dataset take ``key=value`` overrides merged with OmegaConf (``model`` and ``data``
-are Hydra config groups here). Only train/fit-normal/eval/export import torch.
+``-m`` sweeps); predict, fetch and status take ordinary options; calibrate takes plain
+``key=value`` arguments; watch, simulate, report, review and dataset take ``key=value``
+overrides merged with OmegaConf (``model`` and ``data`` are Hydra config groups here). Only
+train/fit-normal/eval/export import torch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ commands (the flow: synth/fetch -> train -> eval -> export -> predict):
   eval     run=RUN [data=... ]                  evaluate a run; writes RUN/eval.json
   export   run=RUN [quantize=int8]              write RUN/model.onnx and check it against torch
   predict  MODEL.onnx PATH... [--jsonl]         score layer images with onnxruntime
+  calibrate model=MODEL.onnx good=DIR [out=NEW.onnx]   threshold set on a new camera's good layers
   simulate data=DIR inbox=INBOX printers=N rate=R   replay jobs into an inbox like printers do
   watch    model=MODEL.onnx inbox=INBOX state=STATE  score layers as they land, decide per job
   status   state=STATE [--json] [--jobs]        the watcher's printers, jobs and health
@@ -263,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             from inspect3d.infer.cli import main as predict_main
 
             return predict_main(args)
+        if command == "calibrate":  # key=value, onnxruntime only (see infer/calibrate.py)
+            from inspect3d.infer.calibrate import main as calibrate_main
+
+            return calibrate_main(args)
         if command in ("watch", "simulate"):  # key=value read by OmegaConf (see watch/cli.py)
             from inspect3d.watch import cli as watch_cli
 

@@ -90,6 +90,36 @@ def calibrate_threshold(normal_scores: np.ndarray, target_frr: float) -> float:
     return float(np.nextafter(above, np.inf))
 
 
+def beta_quantile(q: float, a: int, b: int) -> float:
+    """Quantile of Beta(a, b) for integers a, b >= 1, by bisection on its CDF, which for
+    integers is a binomial tail: P(Beta(a, b) <= x) = P(Binomial(a + b - 1, x) >= a)."""
+    n = a + b - 1
+
+    def cdf(x: float) -> float:
+        return sum(math.comb(n, j) * x**j * (1 - x) ** (n - j) for j in range(a, n + 1))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def order_statistic_frr(n: int, n_allowed: int) -> dict:
+    """False-reject rate on new good layers of a threshold just above the (n_allowed + 1)-th
+    highest of ``n`` good-layer scores: Beta(k, n + 1 - k) with k = n_allowed + 1 whatever the
+    score distribution (the layers exchangeable): mean k / (n + 1), 95% interval its 2.5% and
+    97.5% quantiles."""
+    if not 0 <= n_allowed < n:
+        raise InspectError(f"n_allowed={n_allowed!r} is not valid for n={n!r}: use 0..n-1")
+    k = n_allowed + 1
+    return {
+        "expected_frr": k / (n + 1),
+        "frr_ci95": [beta_quantile(0.025, k, n + 1 - k), beta_quantile(0.975, k, n + 1 - k)],
+        "n_calibration": n,
+    }
+
+
 def bootstrap_ci(
     stat,
     y_true: np.ndarray,
