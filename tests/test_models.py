@@ -55,6 +55,20 @@ def test_unknown_model_is_named():
         build_model("vgg", 2, Preprocess())
 
 
+@pytest.mark.parametrize("stride", [8, 16])
+def test_smallcnn_map_stride(stride):
+    net = build_model("smallcnn", 3, Preprocess(height=128, width=96), width=4, stride=stride)
+    _, logit_map = net(torch.zeros(1, 1, 128, 96, dtype=torch.uint8))
+    assert tuple(logit_map.shape[-2:]) == (128 // stride, 96 // stride)
+
+
+def test_bad_stride_is_named():
+    with pytest.raises(InspectError, match=r"model.stride=4 is not valid for smallcnn: use 8"):
+        build_model("smallcnn", 2, Preprocess(), stride=4)
+    with pytest.raises(InspectError, match=r"model.stride=8 applies to smallcnn only"):
+        build_model("resnet18", 2, Preprocess(), stride=8)
+
+
 REDUCED_AVX512_CASE = """
 import torch
 from inspect3d.data.preprocess import Preprocess

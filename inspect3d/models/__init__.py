@@ -39,6 +39,7 @@ def build_model(
     width: int = 16,
     pool_r: float = 0.0,
     dropout: float = 0.1,
+    stride: int | None = None,
 ) -> LayerNet:
     """A LayerNet with the named backbone for ``num_classes`` classes and ``pre`` inputs."""
     if name not in MODEL_NAMES:
@@ -47,8 +48,12 @@ def build_model(
         raise InspectError(
             f"need at least 2 classes (a normal class and a defect), got {num_classes}"
         )
+    if stride is not None and name != "smallcnn":
+        raise InspectError(
+            f"model.stride={stride!r} applies to smallcnn only ({name!r} has its own stride, 32)"
+        )
     if name == "smallcnn":
-        backbone = SmallCNN(pre.channels, width)
+        backbone = SmallCNN(pre.channels, width, stride or 16)
         channels = backbone.out_channels
     elif name == "efficientnet_lite0":
         backbone, channels = lite_backbone(pre, pretrained)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inspect3d.errors import InspectError
+
 
 def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout)]
@@ -32,12 +34,20 @@ class Block(nn.Module):
         return self.act(self.body(x) + self.short(x))
 
 
-class SmallCNN(nn.Sequential):
-    """Stem + three stride-2 residual stages; ``out_channels`` features at stride 16."""
+STRIDES = (8, 16)
 
-    def __init__(self, in_chans: int = 1, width: int = 16) -> None:
+
+class SmallCNN(nn.Sequential):
+    """Stem + three residual stages; ``out_channels`` features at ``stride`` 16 (every stage
+    halves the resolution) or 8 (the last stage keeps it: a finer defect map, where a 1-3 px
+    streak fills more of its cells, for about 1.75x the compute)."""
+
+    def __init__(self, in_chans: int = 1, width: int = 16, stride: int = 16) -> None:
+        if stride not in STRIDES:
+            raise InspectError(f"model.stride={stride!r} is not valid for smallcnn: use 8 or 16")
         w = [width, 2 * width, 4 * width, 8 * width]
+        strides = [2, 2, 2 if stride == 16 else 1]
         layers: list[nn.Module] = [conv_bn(in_chans, w[0], stride=2)]
-        layers += [Block(cin, cout, 2) for cin, cout in zip(w[:-1], w[1:], strict=True)]
+        layers += [Block(cin, cout, s) for cin, cout, s in zip(w[:-1], w[1:], strides, strict=True)]
         super().__init__(*layers)
         self.out_channels = w[-1]
