@@ -39,7 +39,9 @@ def layer_images(synth_dir: Path, n: int) -> list[Path]:
 
 def make_cfg(tmp_path: Path, model_path: Path, **kw) -> WatchConfig:
     policy = kw.pop("policy", PolicyConfig(k=2, n=3, threshold=0.0))  # every layer "bad"
+    # incomplete_s=0: a cut-short file is failed on the next step, not after waiting for more
     base = dict(settle_s=0.0, poll_s=0.01, idle_s=3600.0, batch_size=8, review=True)
+    base.update(incomplete_s=0.0)
     base.update(model=str(model_path), inbox=str(tmp_path / "inbox"), state=str(tmp_path / "state"))
     base.update(kw)
     return WatchConfig(policy=policy, **base)
@@ -238,10 +240,10 @@ def test_unreadable_file_is_failed(watcher, synth_dir, monkeypatch):
     if os.geteuid() == 0:  # root reads anything: make this one file unreadable at the boundary
         real = scoring.read_bytes
 
-        def denied(p: Path) -> bytes:
+        def denied(p: Path, limit: int) -> bytes:
             if Path(p) == path:
                 raise PermissionError(errno.EACCES, "Permission denied", str(p))
-            return real(p)
+            return real(p, limit)
 
         monkeypatch.setattr(scoring, "read_bytes", denied)
     put(w.cfg, "p1", "j", "layer_0002.png", layer_images(synth_dir, 1)[0])
@@ -342,7 +344,7 @@ def finish_actions(w: Watcher) -> list[dict]:
     for _ in range(400):  # bounded: the outcome arrives from the action threads
         w.step()
         rows = [dict(r) for r in db(w.cfg).execute("SELECT * FROM actions ORDER BY id")]
-        if rows and all(r["status"] != "pending" for r in rows):
+        if rows and all(r["status"] not in ("pending", "running") for r in rows):
             return rows
         time.sleep(0.02)
     raise AssertionError(f"actions still pending: {rows}")
@@ -454,7 +456,7 @@ def test_sigterm_finishes_and_exits_cleanly(tmp_path, exported, synth_dir):
 def test_slowly_growing_files_are_waited_for_not_failed(tmp_path, exported, synth_dir):
     from inspect3d.watch.simulate import simulate
 
-    cfg = make_cfg(tmp_path, exported, settle_s=0.3, poll_s=0.02)
+    cfg = make_cfg(tmp_path, exported, settle_s=0.3, poll_s=0.02, incomplete_s=5.0)
     w = Watcher(cfg)
 
     def serve() -> None:  # the store's connection lives in this thread; no signal handlers

@@ -9,8 +9,10 @@ Conventions (documented in the README):
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from inspect3d.errors import InspectError
 
@@ -50,7 +52,9 @@ def natural_key(text: str) -> list[object]:
 
 
 def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
@@ -94,9 +98,89 @@ def compile_inbox_pattern(pattern: str = DEFAULT_INBOX_PATTERN) -> re.Pattern[st
 
 def parse_inbox_path(rel_path: str, pattern: re.Pattern[str]) -> InboxName | None:
     """(printer, job, layer) of a path relative to the inbox ('/'-separated, extension kept);
-    None when the pattern does not match the whole path."""
-    m = pattern.fullmatch(str(rel_path).replace("\\", "/"))
+    None when the pattern does not match the whole path. A backslash is an ordinary character
+    of a POSIX name (a folder ``a\\b`` is one folder), not a separator."""
+    m = pattern.fullmatch(str(rel_path))
     if m is None or not m["printer"] or not m["job"]:
         return None
     layer = m.groupdict().get("layer")
     return InboxName(printer=m["printer"], job=m["job"], layer=int(layer) if layer else None)
+
+
+# --- names as text: file names of any bytes, and folder names made from printer/job names -----
+
+MAX_LAYER = 2**63 - 1  # the largest layer number SQLite stores (INTEGER is 64-bit signed)
+_ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def name_text(name: str) -> str:
+    """A file name (``str`` from ``os`` calls, non-UTF-8 bytes as surrogates) as plain text
+    that SQLite and JSON can hold, losslessly (``text_name`` gives the name back).
+
+    Names that are valid UTF-8 and hold no backslash stay as they are (every existing record
+    keeps its key); any other name has its backslashes doubled and each byte that is not UTF-8
+    written ``\\xNN``, so an escaped name (it holds a backslash) never equals a kept one.
+    """
+    if "\\" not in name and is_utf8(name):
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    out = []
+    for part in raw.decode("utf-8", "surrogateescape"):
+        if part == "\\":
+            out.append("\\\\")
+        elif not is_utf8(part):
+            out.append(f"\\x{part.encode('utf-8', 'surrogateescape')[0]:02x}")
+        else:
+            out.append(part)
+    return "".join(out)
+
+
+def text_name(text: str) -> str:
+    """The file name (``str`` for ``os`` calls) that ``name_text`` wrote as ``text``."""
+    if "\\" not in text:
+        return text
+
+    def unescape(m: re.Match[str]) -> str:
+        token = m[1]
+        return (
+            "\\"
+            if token == "\\"
+            else bytes([int(token[1:], 16)]).decode("utf-8", "surrogateescape")
+        )
+
+    return _ESCAPED.sub(unescape, text)
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name from ``os`` calls that holds bytes that are not UTF-8 (surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_FOLDER_SAFE = string.ascii_letters + string.digits + "._-"
+
+
+def folder_name(name: str) -> str:
+    """A printer or job name as one folder name: collision-free and reversible (``from_folder``).
+
+    Everything outside ``[A-Za-z0-9._-]`` is percent-encoded (UTF-8), and a leading ``.`` too
+    (no hidden folder, no ``.``/``..``); ``c<1>`` and ``c>1<`` stay two folders.
+    """
+    text = quote(name, safe=_FOLDER_SAFE, errors="surrogateescape")
+    if text.startswith("."):
+        text = "%2E" + text[1:]
+    return text or "%"  # "" (never a printer or job name) still names a folder
+
+
+def from_folder(folder: str) -> str:
+    """The printer or job name that ``folder_name`` wrote as ``folder``."""
+    return "" if folder == "%" else unquote(folder, errors="surrogateescape")
+
+
+def legacy_folder_name(name: str) -> str:
+    """The folder name evidence was written under before ``folder_name`` (lossy: it could
+    collide); readers still look there for evidence of old jobs."""
+    return "".join(c if c.isalnum() or c in "-_. " else "_" for c in name).strip(". ") or "_"

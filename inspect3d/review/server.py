@@ -1,9 +1,14 @@
 """``inspect3d review``: a small local web page where QA marks flagged layers.
 
-Standard library only (``http.server``): one thread per request, each with its own connection
-to the store, so the watcher can keep writing while QA reviews (SQLite WAL). Bound to
-127.0.0.1 by default. Every POST carries the page's token (a web page elsewhere cannot post
-decisions for the reviewer); bound to another address, every request needs it.
+Standard library only (``http.server``): one thread per connection, each request with its own
+connection to the store, so the watcher can keep writing while QA reviews (SQLite WAL). Bound
+to 127.0.0.1 by default. Every POST carries the page's token and, from a browser, our own
+``Origin`` (a web page elsewhere cannot post decisions for the reviewer); bound to another
+address, every request needs the token.
+
+Bounded: at most ``MAX_CONNECTIONS`` connections are served at once (more wait briefly, then
+get 503), an idle or slow connection is dropped after ``TIMEOUT_S``, and at most
+``RENDER_SLOTS`` pages are rendered together (each holds a job's layers in memory).
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ from inspect3d.review.report import environment, flagged_view, when
 log = logging.getLogger(__name__)
 MAX_BODY = 16_384
 MAX_CARDS = 80
+MAX_CONNECTIONS = 16
+TIMEOUT_S = 10.0
+RENDER_SLOTS = 2
+ACCEPT_WAIT_S = 0.5
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; form-action 'self'"
@@ -54,7 +65,34 @@ class ReviewServer(ThreadingHTTPServer):
         self.env = environment()
         self._thumbs: dict[tuple, str | None] = {}
         self._lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.render_slots = threading.BoundedSemaphore(RENDER_SLOTS)
         super().__init__((host, port), Handler)
+
+    def process_request(self, request, client_address) -> None:
+        """A thread per connection, at most ``MAX_CONNECTIONS`` at once; beyond, 503."""
+        if not self.slots.acquire(timeout=ACCEPT_WAIT_S):
+            log.warning("%d connections open: refusing %s", MAX_CONNECTIONS, client_address)
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request) -> None:
+        try:
+            request.settimeout(1.0)
+            request.sendall(BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     @property
     def url(self) -> str:
@@ -76,6 +114,7 @@ class ReviewServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     server_version = "inspect3d-review"
+    timeout = TIMEOUT_S  # socket timeout: a half-open or slow connection does not stay
 
     def log_message(self, fmt: str, *args) -> None:  # requests go to the log, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -87,6 +126,13 @@ class Handler(BaseHTTPRequestHandler):
             return True
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
         return host in ("127.0.0.1", "localhost", "::1")
+
+    def _origin_ok(self) -> bool:
+        """A browser's POST names its page's origin: it must be this server's own."""
+        origin = self.headers.get("Origin")
+        if origin is None:  # not a browser (or an old one): the token still guards
+            return self.headers.get("Sec-Fetch-Site") in (None, "same-origin", "none")
+        return origin == f"http://{self.headers.get('Host', '')}"
 
     def _token_ok(self, given: str | None) -> bool:
         return given is not None and hmac.compare_digest(given, self.server.token)
@@ -104,7 +150,8 @@ class Handler(BaseHTTPRequestHandler):
         if url.path != "/":
             return self._text(HTTPStatus.NOT_FOUND, "not found")
         try:
-            html = self._page(_one(query, "job"))
+            with self.server.render_slots:
+                html = self._page(_one(query, "job"))
         except InspectError as exc:
             return self._text(HTTPStatus.BAD_REQUEST, str(exc))
         self._send(HTTPStatus.OK, html.encode(), "text/html; charset=utf-8")
@@ -138,6 +185,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         if not self._host_ok():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
+        if not self._origin_ok():
+            return self._json(
+                HTTPStatus.FORBIDDEN, {"error": "foreign Origin: post from the review page"}
+            )
         if urlsplit(self.path).path != "/review":
             return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
         form = self._form()
@@ -150,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
                 HTTPStatus.FORBIDDEN, {"error": "token missing or wrong: reload the page"}
             )
         try:
+            check_id(form.get("layer_id"))
             review = decisions.check(
                 form.get("layer_id"), form.get("decision"), form.get("reason"),
                 form.get("note"), self.server.reviewer,
@@ -197,6 +249,14 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
 
+def check_id(value: str | None) -> None:
+    """A row id from a request: digits, 1 to ``MAX_ID`` (else 400, naming the value)."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_ID:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise InspectError(f"layer_id {shown!r} is not valid: use a layer number 1 to {MAX_ID}")
+
+
 def _one(query: dict, key: str) -> str | None:
     values = query.get(key)
     return values[0] if values else None
@@ -213,9 +273,8 @@ def _pick(jobs: list[shop.Job], job_arg: str | None) -> shop.Job | None:
 
 
 def _history(store, job: shop.Job) -> dict[int, list[dict]]:
-    rows = store.db.execute("SELECT * FROM reviews WHERE job_id = ? ORDER BY id DESC", (job.id,))
     out: dict[int, list[dict]] = {}
-    for r in rows:
+    for r in store.job_reviews(job.id):
         out.setdefault(r["layer_id"], []).append(_plain(r))
     return out
 

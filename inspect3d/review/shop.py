@@ -6,6 +6,7 @@ label export share, so all three agree on what counts as flagged, open or caught
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass, field
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from inspect3d.data.layout import legacy_folder_name, text_name
 from inspect3d.errors import InspectError
 from inspect3d.infer.model import likeliest_defect
 from inspect3d.review.decisions import is_open
-from inspect3d.watch.journal import _safe as evidence_name
+from inspect3d.watch.journal import evidence_folder
 from inspect3d.watch.store import Store, decode_map
 
 DB_NAME = "watch.db"
@@ -245,16 +247,33 @@ def _layer(row: sqlite3.Row, job: Job, state: Path, inbox: Path | None, review) 
         probs=json.loads(row["probs"]) if row["probs"] else {},
         defect_map=decode_map(row) if scored and row["map"] is not None else None,
         at=row["mtime"] or row["done_at"], scored_at=row["done_at"], error=row["error"],
-        image=find_image(state, inbox, job, row["rel"]), review=review,
+        image=find_image(state, inbox, job, row["rel"], row["sha256"]), review=review,
         flagged=scored and row["score"] >= job.threshold,
     )  # fmt: skip
 
 
-def find_image(state: Path, inbox: Path | None, job: Job, rel: str) -> Path | None:
+def find_image(
+    state: Path, inbox: Path | None, job: Job, rel: str, sha256: str | None = None
+) -> Path | None:
     """The layer image in the inbox, else the watcher's evidence copy, else None (gone)."""
-    name = rel.rsplit("/", 1)[-1]
-    candidates = [inbox / rel] if inbox is not None else []
-    candidates.append(
-        state / "review" / evidence_name(job.printer) / evidence_name(job.name) / name
-    )
-    return next((p for p in candidates if p.is_file()), None)
+    raw = text_name(rel)
+    name = raw.rsplit("/", 1)[-1]
+    candidates = [inbox / raw] if inbox is not None else []
+    candidates.append(evidence_folder(state / "review", job.printer, job.name) / name)
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is not None or sha256 is None:
+        return found
+    # evidence written before folder names were collision-free: two jobs could share a
+    # folder, so a copy there counts only if it is this layer's file (same SHA-256)
+    old = state / "review" / legacy_folder_name(job.printer) / legacy_folder_name(job.name)
+    return old / name if _has_sha256(old / name, sha256) else None
+
+
+def _has_sha256(path: Path, sha256: str) -> bool:
+    if not path.is_file():
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest() == sha256

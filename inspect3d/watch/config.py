@@ -36,6 +36,9 @@ class WatchConfig:
     idle_s: float = 900.0
     batch_size: int = 16
     max_pixels: int = 100_000_000
+    max_image_bytes: int = 48_000_000  # decoded bytes (and file bytes) of one layer image
+    incomplete_s: float = 30.0  # an incomplete file unchanged this long is recorded as failed
+    incomplete_tries: int = 5  # looks at a file that keeps being incomplete before failing it
     provider: str = "auto"
     threads: int = 0
     until_idle: bool = False  # exit once the inbox is drained (demo, tests); else run forever
@@ -46,13 +49,12 @@ class WatchConfig:
     actions: ActionConfig = field(default_factory=ActionConfig)
 
     def __post_init__(self) -> None:
-        for name in ("poll_s", "settle_s", "idle_s"):
+        for name in ("poll_s", "settle_s", "idle_s", "incomplete_s"):
             if getattr(self, name) < 0:
                 raise InspectError(f"{name}={getattr(self, name)!r} must be >= 0 (seconds)")
-        if self.batch_size < 1 or self.max_pixels < 1:
-            raise InspectError(
-                f"batch_size={self.batch_size!r} and max_pixels={self.max_pixels!r} must be >= 1"
-            )
+        for name in ("batch_size", "max_pixels", "max_image_bytes", "incomplete_tries"):
+            if getattr(self, name) < 1:
+                raise InspectError(f"{name}={getattr(self, name)!r} must be >= 1")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WatchConfig:

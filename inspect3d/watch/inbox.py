@@ -4,6 +4,13 @@ Polling (not file-system events) so that it works the same on network shares, wh
 unreliable. A file is *stable* when its size and mtime have not changed for ``settle_s`` seconds
 (a file whose mtime is already that old counts as stable when first seen). Hidden files
 (``.name``, the temporary names printers and ``inspect3d simulate`` write to) are ignored.
+
+Names are kept as text losslessly (``layout.name_text``): a name that is not UTF-8 is escaped,
+and an arrival whose name cannot be a layer (not UTF-8, control characters, a layer number
+SQLite cannot hold) carries the reason in ``problem``. A folder with an image's name in a job
+folder is an arrival too (it is recorded as failed, not silently skipped). A file handed back
+as possibly incomplete (``defer``) is looked at again once its size or mtime changes; one that
+stays unchanged for ``incomplete_s`` comes back with the reason in ``problem``.
 """
 
 from __future__ import annotations
@@ -12,10 +19,19 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from inspect3d.data.layout import InboxName, natural_key, parse_inbox_path
+from inspect3d.data.layout import (
+    IMAGE_EXTENSIONS,
+    MAX_LAYER,
+    InboxName,
+    is_utf8,
+    name_text,
+    natural_key,
+    parse_inbox_path,
+    text_name,
+)
 
 log = logging.getLogger(__name__)
 _ODD = re.compile(r"[\x00-\x1f\x7f]")
@@ -33,18 +49,36 @@ class Arrival:
     size: int
     mtime: float
     marker: bool = False
+    problem: str | None = None  # why it cannot be a layer as it is (recorded as failed)
+    tries: int = 0  # earlier looks at it that found it incomplete
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A file that looked incomplete: its size and mtime then, and since when."""
+
+    size: int
+    mtime: float
+    since: float
+    tries: int
+    reason: str
 
 
 class InboxScanner:
     """Walks the inbox on each ``poll`` and returns the files that became stable since."""
 
-    def __init__(self, inbox: Path, pattern: re.Pattern[str], marker: str, settle_s: float) -> None:
-        self.inbox, self.pattern, self.marker, self.settle_s = (
-            Path(inbox),
-            pattern,
-            marker,
-            settle_s,
-        )
+    def __init__(
+        self,
+        inbox: Path,
+        pattern: re.Pattern[str],
+        marker: str,
+        settle_s: float,
+        incomplete_s: float = 30.0,
+    ) -> None:
+        self.inbox, self.pattern, self.marker = Path(inbox), pattern, marker
+        self.settle_s, self.incomplete_s = settle_s, incomplete_s
+        self._deferred: dict[str, Deferred] = {}  # rel -> looked incomplete, waiting for change
+        self._tries: dict[str, int] = {}  # rel -> incomplete looks so far
         self._seen: dict[str, tuple[int, float, float]] = {}  # rel -> size, mtime, first seen
         self._names: dict[str, InboxName | None] = {}  # rel -> parsed name (parse once)
         self._ready: dict[str, Arrival] = {}  # stable, not yet recorded
@@ -68,7 +102,11 @@ class InboxScanner:
             arrival = self._arrival(rel, path, st)
             if arrival is None:
                 continue
-            if self._is_stable(rel, st.st_size, st.st_mtime, now):
+            job = (arrival.printer, arrival.job)
+            arrival = self._after_deferral(arrival, now)
+            if arrival is None:
+                self.waiting.add(job)
+            elif self._is_stable(rel, st.st_size, st.st_mtime, now) or arrival.problem:
                 self._ready[rel] = arrival
             else:
                 self.waiting.add((arrival.printer, arrival.job))
@@ -76,6 +114,8 @@ class InboxScanner:
         current = {rel for rel, _, _ in walked}
         self._seen = {k: v for k, v in self._seen.items() if k in current}  # bounded memory
         self._names = {k: v for k, v in self._names.items() if k in current}
+        self._deferred = {k: v for k, v in self._deferred.items() if k in current}
+        self._tries = {k: v for k, v in self._tries.items() if k in current}
         first: dict[tuple[str, str], float] = {}
         for a in stable:  # a printer's older job first, even when both arrive in one poll
             key = (a.printer, a.job)
@@ -87,6 +127,30 @@ class InboxScanner:
         self._seen.pop(rel, None)
         self._ready.pop(rel, None)
 
+    def defer(self, a: Arrival, reason: str, now: float | None = None) -> None:
+        """``a`` looked incomplete: look again once it changes, or give up after
+        ``incomplete_s`` without a change (then it comes back with ``problem`` set)."""
+        now = time.time() if now is None else now
+        self.forget(a.rel)
+        self._tries[a.rel] = a.tries + 1
+        self._deferred[a.rel] = Deferred(a.size, a.mtime, now, a.tries + 1, reason)
+
+    def _after_deferral(self, a: Arrival, now: float) -> Arrival | None:
+        """The arrival to go on with (a deferred file that changed, or gave up), or None while
+        a deferred file waits for a change."""
+        d = self._deferred.get(a.rel)
+        tries = self._tries.get(a.rel, 0)
+        if d is None:
+            return replace(a, tries=tries) if tries else a
+        if (a.size, a.mtime) != (d.size, d.mtime):
+            del self._deferred[a.rel]  # it changed: settle and try again
+            return replace(a, tries=tries)
+        if now - d.since < self.incomplete_s:
+            return None
+        del self._deferred[a.rel]
+        why = f"{d.reason} (unchanged for {self.incomplete_s:g} s after {d.tries} tries)"
+        return replace(a, tries=tries, problem=a.problem or why)
+
     def _is_stable(self, rel: str, size: int, mtime: float, now: float) -> bool:
         prev = self._seen.get(rel)
         if prev is None or prev[:2] != (size, mtime):
@@ -95,14 +159,20 @@ class InboxScanner:
         return now - prev[2] >= self.settle_s
 
     def _arrival(self, rel: str, path: Path, st: os.stat_result) -> Arrival | None:
-        if rel not in self._names:
-            self._names[rel] = parse_inbox_path(rel, self.pattern)
+        if rel not in self._names:  # printer and job as written, unless not UTF-8: escaped
+            raw = text_name(rel)
+            self._names[rel] = parse_inbox_path(raw if is_utf8(raw) else rel, self.pattern)
         name = self._names[rel]
         if name is None:
             return None
         marker = path.name == self.marker
         layer = None if marker else name.layer
-        return Arrival(path, rel, name.printer, name.job, layer, st.st_size, st.st_mtime, marker)
+        problem = None if marker else name_problem(rel, layer)
+        if problem is not None and layer is not None and layer > MAX_LAYER:
+            layer = None
+        return Arrival(
+            path, rel, name.printer, name.job, layer, st.st_size, st.st_mtime, marker, problem
+        )
 
     def _walk(
         self, known: set[str], skip: frozenset[str]
@@ -114,10 +184,10 @@ class InboxScanner:
             for printer in _entries(self.inbox, dirs=True):
                 for job in _entries(printer, dirs=True):
                     folder = f"{printer.name}/{job.name}"
-                    if folder in skip:
+                    if name_text(folder) in skip:
                         continue
                     for f in _entries(job, dirs=False):
-                        rel = f"{folder}/{f.name}"
+                        rel = name_text(f"{folder}/{f.name}")
                         if rel not in known and rel not in self._ready:
                             out.append(self._item(f, rel))
         except OSError as exc:  # the inbox itself vanished or cannot be listed
@@ -148,7 +218,12 @@ def _entries(folder: Path | os.DirEntry, dirs: bool) -> list[os.DirEntry]:
     keep = [e for e in items if not e.name.startswith(".")]
     if dirs:
         return [e for e in keep if e.is_dir(follow_symlinks=False)]
-    return [e for e in keep if not e.is_dir(follow_symlinks=True)]
+    # files, links, FIFOs... and folders named like an image (recorded as failed, not skipped)
+    return [e for e in keep if not e.is_dir(follow_symlinks=True) or _image_named(e.name)]
+
+
+def _image_named(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _order(a: Arrival, job_first: float) -> tuple:
@@ -156,10 +231,15 @@ def _order(a: Arrival, job_first: float) -> tuple:
     return (a.marker, a.printer, job_first, a.job, layer, a.mtime, natural_key(a.rel))
 
 
-def odd_name(rel: str) -> str | None:
-    """Why a relative path is not acceptable as a layer name (control characters), or None."""
+def name_problem(rel: str, layer: int | None) -> str | None:
+    """Why a path (``rel``: as text, see ``layout.name_text``) cannot be a layer as it is."""
+    if not is_utf8(text_name(rel)):
+        raw = os.fsencode(text_name(rel))
+        return f"file name {raw!r} is not valid UTF-8 (kept as {rel!r}); rename it in UTF-8"
     if _ODD.search(rel):
         return f"file name {rel!r} contains control characters; rename it without them"
+    if layer is not None and layer > MAX_LAYER:
+        return f"layer number {layer} in {rel!r} is out of range: use at most {MAX_LAYER}"
     return None
 
 

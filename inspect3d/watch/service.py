@@ -21,11 +21,12 @@ import signal
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
-from inspect3d.data.layout import compile_inbox_pattern
+from inspect3d.data.layout import compile_inbox_pattern, text_name
 from inspect3d.errors import InspectError
 from inspect3d.infer.model import OnnxModel
 from inspect3d.infer.providers import check_available
@@ -34,13 +35,15 @@ from inspect3d.watch.actions import ActionRunner
 from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.inbox import Arrival, InboxScanner
 from inspect3d.watch.policy import Decision, JobState, LayerObs, replay, step
-from inspect3d.watch.scoring import LayerResult, score_batch
+from inspect3d.watch.scoring import LayerResult, Limits, score_batch
 from inspect3d.watch.store import Store, decode_map
 
 log = logging.getLogger(__name__)
 DB_NAME, LOG_NAME, REJECTS_NAME, LOCK_NAME = "watch.db", "watch.log", "rejects.jsonl", "watch.lock"
 INBOX_LOCK = ".inspect3d-watch.lock"
 RELOAD_REQUEST = "reload.request"
+# errors of the store itself (disk full, locked, I/O): the whole step is retried later
+STORE_ERRORS = (sqlite3.OperationalError, OSError)
 
 
 def absolute(path: str | Path) -> Path:
@@ -89,6 +92,7 @@ class Watcher:
         self._closing: list[int] = []
         self._locks: list[int] = []
         self._health: dict = {}
+        self.stuck_jobs: set[int] = set()  # jobs whose end failed unexpectedly (logged)
 
     # --- start / stop --------------------------------------------------------------------------
     def start(self, create_inbox: bool = True) -> Watcher:
@@ -97,6 +101,7 @@ class Watcher:
         ``create_inbox=False`` (``inspect3d watch``): a missing inbox is an error, so a mistyped
         path is not watched forever; code embedding a watcher may let it create the inbox.
         """
+        self._refuse_state_in_inbox()
         self.state.mkdir(parents=True, exist_ok=True)
         self._locks.append(acquire_lock(self.state / LOCK_NAME, f"state {str(self.state)!r}"))
         try:
@@ -112,6 +117,15 @@ class Watcher:
             raise
         return self
 
+    def _refuse_state_in_inbox(self) -> None:
+        real = Path(os.path.realpath(self.state))
+        if real.is_relative_to(os.path.realpath(self.inbox)):
+            raise InspectError(
+                f"state {str(self.cfg.state)!r} ({self.state}) is inside the inbox "
+                f"{str(self.cfg.inbox)!r}: its files would be taken for layers; give a state "
+                "folder beside the inbox, e.g. state=" + str(self.inbox.parent / "watch-state")
+            )
+
     def _open_inbox(self, create: bool) -> None:
         if create:
             self.inbox.mkdir(parents=True, exist_ok=True)
@@ -126,15 +140,51 @@ class Watcher:
         self.pattern = compile_inbox_pattern(self.cfg.pattern)
         self.known = self.store.known_rels()
         self.ended_dirs.update(self.store.job_dirs(None))
-        self.scanner = InboxScanner(self.inbox, self.pattern, self.cfg.marker, self.cfg.settle_s)
+        self.scanner = InboxScanner(
+            self.inbox, self.pattern, self.cfg.marker, self.cfg.settle_s, self.cfg.incomplete_s
+        )
+        self.limits = Limits(
+            self.cfg.max_pixels, self.cfg.max_image_bytes, self.cfg.incomplete_tries
+        )
         self.rejects = journal.RejectLog(self.state / REJECTS_NAME)
-        self.actions = ActionRunner(self.cfg.actions)
+        if self.rejects.broken:
+            self._try_record(
+                "reject-log",
+                f"{self.rejects.broken} broken record(s) of {self.rejects.path} "
+                f"moved to {self.rejects.broken_path}",
+            )
+        self.actions = ActionRunner(self.cfg.actions, self._store_id())
         for job in self.store.open_jobs():
             self.states[job["id"]] = replay(self.store.job_obs(job["id"]), *self._policy())[0]
-        self.store.set_meta(
+        self._recover_actions()
+        self._try_meta(
             inbox=str(self.inbox), pid=os.getpid(), started_at=time.time(), stopped_at=None
         )
         log.info("watching %s (state %s, model %s)", self.inbox, self.state, self.model_sha[:12])
+
+    def _store_id(self) -> str:
+        try:
+            return self.store.store_id()
+        except sqlite3.Error as exc:  # e.g. disk full at start: actions wait for a key
+            log.error("cannot write the store id (%s); actions keyed without it", exc)
+            return "unsaved"
+
+    def _recover_actions(self) -> None:
+        try:
+            ids = self.store.interrupted_actions()
+        except sqlite3.Error as exc:
+            log.error("cannot check for interrupted actions: %s", exc)
+            return
+        for aid in ids:
+            self._try_record("action", f"action {aid} was running when the watcher stopped: "
+                             "it may have run (not run again)")  # fmt: skip
+
+    def _try_meta(self, **values: object) -> None:
+        """Health values: a failure (disk full) is logged, not fatal; written again later."""
+        try:
+            self.store.set_meta(**values)
+        except sqlite3.Error as exc:
+            log.error("cannot write health to the store: %s", exc)
 
     def _policy(self):
         return self.cfg.policy, self.model.threshold
@@ -147,7 +197,7 @@ class Watcher:
         )
         sha = file_sha256(self.model_path)  # after load: a missing file gets the clear error above
         self.model, self.model_sha = model, sha
-        self.store.set_meta(
+        self._try_meta(
             model=str(self.model_path), model_sha=sha, model_name=model.meta.model_name,
             provider=model.providers[0], threshold=model.threshold,
             map_threshold=model.map_threshold, roi=model.meta.roi,
@@ -155,11 +205,16 @@ class Watcher:
         )  # fmt: skip
 
     def close(self) -> None:
-        self.actions.close(wait_s=self.cfg.actions.timeout_s)
-        self._drain_actions()
-        self.store.set_meta(stopped_at=time.time())
-        self.store.close()
-        self._release()
+        try:
+            cancelled = self.actions.close(wait_s=self.cfg.actions.timeout_s)
+            with contextlib.suppress(sqlite3.Error):
+                for aid in cancelled:
+                    self.store.unstart_action(aid)
+                self._drain_actions()
+            self._try_meta(stopped_at=time.time())
+        finally:
+            self.store.close()
+            self._release()
 
     def _release(self) -> None:
         while self._locks:
@@ -172,7 +227,7 @@ class Watcher:
         while not self.stop_requested.is_set():
             try:
                 busy = self.step()
-            except (sqlite3.Error, OSError) as exc:  # e.g. the database's disk is full: retry
+            except Exception as exc:  # disk full, or anything unexpected: never fatal
                 log.exception("watcher step failed; retrying")
                 self._try_record("step", f"{type(exc).__name__}: {exc}")
                 self.stop_requested.wait(max(1.0, self.cfg.poll_s))
@@ -200,7 +255,7 @@ class Watcher:
         self._note_scan_error()
         layers = [a for a in arrivals if not a.marker][: self.cfg.batch_size]
         if layers:
-            self._commit(score_batch(self.model, layers, self.inbox, self.cfg.max_pixels))
+            self._commit(score_batch(self.model, layers, self.inbox, self.limits))
         rest = {(a.printer, a.job) for a in arrivals[len(layers) :] if not a.marker}
         rest |= self.scanner.waiting  # end a job only once all its files are in
         markers = [a for a in arrivals if a.marker and (a.printer, a.job) not in rest]
@@ -211,20 +266,52 @@ class Watcher:
 
     # --- recording a batch ---------------------------------------------------------------------
     def _commit(self, results: list[LayerResult]) -> None:
+        """Record a scored batch in one transaction; files that may still be being written go
+        back to the scanner. Anything unexpected stays with the layer that caused it."""
+        for r in results:
+            if r.status == "retry":
+                self.scanner.defer(r.arrival, r.error or "incomplete")
+        todo = [r for r in results if r.status != "retry"]
+        if not todo:
+            return
+        try:
+            self._commit_batch(todo)
+        except STORE_ERRORS:
+            raise  # the store itself (disk full, locked): the step is retried as a whole
+        except Exception:
+            log.exception("a batch of %d layers cannot be recorded; one by one", len(todo))
+            for r in todo:
+                self._commit_alone(r)
+
+    def _commit_alone(self, r: LayerResult) -> None:
+        try:
+            return self._commit_batch([r])
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:
+            why = f"{r.arrival.rel!r} cannot be recorded as it is: {type(exc).__name__}: {exc}"
+        self._error("layer", why)
+        failed = LayerResult(replace(r.arrival, layer=None), "failed", r.sha256, error=why)
+        try:
+            self._commit_batch([failed])
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:
+            self._error("layer", f"{why}; nor as failed ({exc}): skipped until restart")
+            self.known.add(r.arrival.rel)
+
+    def _commit_batch(self, results: list[LayerResult]) -> None:
         now, states = time.time(), dict(self.states)
         committed = False
         try:
             with self.store.transaction():
                 for r in results:
-                    if r.status == "retry":
-                        self.scanner.forget(r.arrival.rel)
-                        continue
                     self._record(r, states, now)
             committed = True
         finally:
             self._closed(committed)
         self.states = states
-        self.known.update(r.arrival.rel for r in results if r.status != "retry")
+        self.known.update(r.arrival.rel for r in results)
         for r in results:
             if r.status == "failed":
                 log.warning("layer failed: %s", r.error)
@@ -320,25 +407,51 @@ class Watcher:
 
     def _end_jobs(self, markers: list[Arrival], now: float | None) -> None:
         now = time.time() if now is None else now
-        idle = [j for j in self.store.open_jobs() if now - j["last_at"] >= self.cfg.idle_s]
-        if not markers and not idle:
+        ends = [(m.printer, m.job, "marker") for m in markers]
+        ends += [
+            (j["printer"], j["name"], "idle")
+            for j in self.store.open_jobs()
+            if now - j["last_at"] >= self.cfg.idle_s and j["id"] not in self.stuck_jobs
+        ]
+        if not ends:
             return
+        try:
+            self._end_batch(ends, now)
+        except STORE_ERRORS:
+            raise
+        except Exception:
+            log.exception("%d job ends cannot be recorded together; one by one", len(ends))
+            for end in ends:
+                self._end_alone(end, now)
+        self.known.update(m.rel for m in markers)
+
+    def _end_alone(self, end: tuple[str, str, str], now: float) -> None:
+        try:
+            self._end_batch([end], now)
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:
+            job = self.store.job(end[0], end[1])
+            if job is not None:
+                self.stuck_jobs.add(job["id"])
+            self._error(
+                "job", f"job {end[1]!r} of printer {end[0]!r} cannot be ended ({end[2]}): "
+                f"{type(exc).__name__}: {exc}; left open until restart",
+            )  # fmt: skip
+
+    def _end_batch(self, ends: list[tuple[str, str, str]], now: float) -> None:
         states = dict(self.states)
         committed = False
         try:
             with self.store.transaction():
-                for m in markers:
-                    job = self.store.job(m.printer, m.job)
+                for printer, name, ended_by in ends:
+                    job = self.store.job(printer, name)
                     if job is not None and job["status"] == "open":
-                        self._finalize(job, "marker", states, now)
-                for job in idle:
-                    if self.store.job(job["printer"], job["name"])["status"] == "open":
-                        self._finalize(job, "idle", states, now)
+                        self._finalize(job, ended_by, states, now)
             committed = True
         finally:
             self._closed(committed)
         self.states = states
-        self.known.update(m.rel for m in markers)
 
     # --- after the commit: log, evidence, actions, health ---------------------------------------
     def _flush_outbox(self) -> None:
@@ -362,15 +475,17 @@ class Watcher:
             layers = record["reason"].get("layers") or []
             if self.cfg.review and record["kind"] != "FINAL" and layers:
                 rows = self.store.layer_rows(row["job_id"], layers)
-                pairs = [(self.inbox / r["rel"], decode_map(r)) for r in rows]
+                pairs = [(self.inbox / text_name(r["rel"]), decode_map(r)) for r in rows]
                 for problem in journal.save_evidence(self.state / "review", record, pairs):
                     self._error("evidence", problem)
             done.append(row["id"])
         self.store.set_flags(done, "evidence")
 
     def _run_actions(self) -> None:
+        """Start pending actions, each once: the intent is committed before it runs."""
         for row in self.store.pending_actions():
-            self.actions.submit(row["id"], row["name"], json.loads(row["record"]))
+            if self.store.start_action(row["id"]):
+                self.actions.submit(row["id"], row["name"], json.loads(row["record"]))
         self._drain_actions()
 
     def _drain_actions(self) -> None:

@@ -106,6 +106,9 @@ def _totals(db: sqlite3.Connection) -> dict:
         "warns": one("SELECT COUNT(*) FROM decisions WHERE kind = 'FINAL' AND level = 'WARN'"),
         "decisions": one("SELECT COUNT(*) FROM decisions"),
         "actions_failed": one("SELECT COUNT(*) FROM actions WHERE status = 'failed'"),
+        # started and never finished (the watcher died meanwhile): may have run, not rerun
+        "actions_unknown": one("SELECT COUNT(*) FROM actions WHERE status = 'unknown'"),
+        "errors": one("SELECT COUNT(*) FROM errors"),
     }
 
 
@@ -147,7 +150,8 @@ def format_text(s: dict) -> str:
     lines.append(
         f"total: {s['layers_scored']} layers scored, {s['layers_failed']} failed, "
         f"{s['jobs']} jobs, "
-        f"{s['rejects']} rejected, {s['warns']} warned"
+        f"{s['rejects']} rejected, {s['warns']} warned, {s['errors']} errors, "
+        f"{s['actions_unknown']} actions that may have run"
     )
     lines.append(
         f"health: {'running' if h.get('running') else 'not running'}, "

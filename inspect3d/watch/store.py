@@ -13,12 +13,14 @@ import json
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from inspect3d.data.layout import name_text
 from inspect3d.watch.policy import LayerObs
 
 SCHEMA = """
@@ -40,7 +42,7 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE TABLE IF NOT EXISTS actions (
   id INTEGER PRIMARY KEY, decision_id INTEGER NOT NULL REFERENCES decisions(id),
   name TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER DEFAULT 0,
-  error TEXT, done_at REAL, UNIQUE (decision_id, name));
+  error TEXT, done_at REAL, started_at REAL, UNIQUE (decision_id, name));
 CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, at REAL, source TEXT, message TEXT);
 CREATE TABLE IF NOT EXISTS reviews (
   id INTEGER PRIMARY KEY, layer_id INTEGER NOT NULL REFERENCES layers(id),
@@ -84,6 +86,13 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a committed decision survives power loss
             self.db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since a state folder was first written."""
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(actions)")}
+        if "started_at" not in cols:
+            self.db.execute("ALTER TABLE actions ADD COLUMN started_at REAL")
 
     def close(self) -> None:
         self.db.close()
@@ -127,7 +136,7 @@ class Store:
         else:
             rows = self.db.execute(sql + "j.id = ?", (job_id,))
         dirs = {(rel.rsplit("/", 1)[0], name) for rel, name in rows}
-        return {d for d, name in dirs if d.rsplit("/", 1)[-1] == name}
+        return {d for d, name in dirs if d.rsplit("/", 1)[-1] == name_text(name)}
 
     def n_layers(self, job_id: int) -> int:
         return self.db.execute(
@@ -243,6 +252,34 @@ class Store:
         )
         return self.db.execute(sql).fetchall()
 
+    def start_action(self, action_id: int) -> bool:
+        """Commit the intent to run a pending action (before it runs); False if not pending."""
+        sql = (
+            "UPDATE actions SET status = 'running', started_at = ? "
+            "WHERE id = ? AND status = 'pending'"
+        )
+        return self.db.execute(sql, (time.time(), action_id)).rowcount == 1
+
+    def unstart_action(self, action_id: int) -> None:
+        """An action marked running that never started (its thread was cancelled)."""
+        sql = (
+            "UPDATE actions SET status = 'pending', started_at = NULL "
+            "WHERE id = ? AND status = 'running'"
+        )
+        self.db.execute(sql, (action_id,))
+
+    def interrupted_actions(self) -> list[int]:
+        """After a crash: actions that were started and never finished, now marked 'unknown'
+        (they may have run; they are not run again: their receiver has the idempotency key)."""
+        with self.transaction():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM actions WHERE status = 'running'")]
+            self.db.execute(
+                "UPDATE actions SET status = 'unknown', done_at = ?, error = ? "
+                "WHERE status = 'running'",
+                (time.time(), "the watcher stopped while it ran: it may have run"),
+            )
+        return ids
+
     # --- QA reviews (append-only; the latest review of a layer is its current decision) -------
     def add_review(
         self, layer_id: int, decision: str, reason: str, note: str, reviewer: str, now: float
@@ -278,9 +315,31 @@ class Store:
         sql = "SELECT * FROM reviews WHERE layer_id = ? ORDER BY id DESC"
         return self.db.execute(sql, (layer_id,)).fetchall()
 
+    def job_reviews(self, job_id: int) -> list[sqlite3.Row]:
+        """Every review of a job's layers, newest first."""
+        sql = "SELECT * FROM reviews WHERE job_id = ? ORDER BY id DESC"
+        return self.db.execute(sql, (job_id,)).fetchall()
+
     def finish_action(self, action_id: int, status: str, attempts: int, error: str | None) -> None:
-        sql = "UPDATE actions SET status = ?, attempts = ?, error = ?, done_at = ? WHERE id = ?"
+        sql = (
+            "UPDATE actions SET status = ?, attempts = ?, error = ?, done_at = ? "
+            "WHERE id = ? AND status = 'running'"
+        )
         self.db.execute(sql, (status, attempts, error, time.time(), action_id))
+
+    def store_id(self) -> str:
+        """A random id of this state folder, made once: with a decision id it keys actions
+        uniquely across cells (two watchers both have a decision 1)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row is not None:
+            return json.loads(row[0])
+        sid = uuid.uuid4().hex[:12]
+        self.db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (json.dumps(sid),)
+        )
+        return json.loads(
+            self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+        )
 
 
 def decode_map(row: sqlite3.Row) -> np.ndarray:
