@@ -19,6 +19,7 @@ from inspect3d.infer import OnnxModel
 from inspect3d.watch.policy import LayerObs, PolicyConfig, replay
 from inspect3d.watch.simulate import load_jobs, write_layer
 
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
 ROUNDS, PRINTERS, KILLS = 9, 5, 20  # 9 rounds x 10 synthetic jobs x 6 layers = 540 layers
 
 
@@ -124,3 +125,20 @@ def check_exactly_once(state: Path, inbox: Path, n_written: int, snapshots, thre
         assert stored == expected
     levels = {row[3] for row in finals}
     assert "OK" in levels and levels - {"OK"}  # the soak exercised both outcomes
+
+
+def test_kill_9_soak_with_bad_inputs_and_actions(tmp_path, exported, synth_dir, monkeypatch):
+    """Every bad input of issue 12 mixed into the jobs, slow writers, an action on every
+    decision, and kill -9 at random (``benchmarks/quality/watch_soak.py``, short)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import watch_soak
+
+    c = watch_soak.soak(exported, synth_dir, tmp_path, rounds=2, printers=4, kills=8, seed=3)
+    assert c["good_layers"] == 120 and c["good_lost"] == 0, c
+    assert c["bad_files"] >= 30 and c["bad_not_recorded_once_with_reason"] == 0, c
+    assert c["actions"] == c["decisions"] > 0 and c["actions_open"] == 0, c
+    assert c["actions_run_twice"] == 0 and c["actions_done_not_run_once"] == 0, c
+    assert c["action_runs"] <= c["actions"], c
+    assert c["reject_log_duplicates"] == 0 and c["reject_log_missing"] == 0, c
+    assert c["kills_at_work"] >= 2, c  # kills hit a watcher at work, not only at start-up
+    assert c["peak_rss_mb"] < 1000, c  # the documented bound (decode 672 MB + the model)

@@ -55,10 +55,9 @@ class Arrival:
 
 @dataclass(frozen=True)
 class Deferred:
-    """A file that looked incomplete: its size and mtime then, and since when."""
+    """A file that looked incomplete: how it looked then, since when, and why."""
 
-    size: int
-    mtime: float
+    arrival: Arrival
     since: float
     tries: int
     reason: str
@@ -97,6 +96,7 @@ class InboxScanner:
         self.waiting = set()
         # stable files still queued are not looked at again (their size is checked on reading)
         self._ready = {k: a for k, a in self._ready.items() if k not in known}
+        self._end_deferred(skip_dirs)
         walked = self._walk(known, skip_dirs)
         for rel, path, st in walked:
             arrival = self._arrival(rel, path, st)
@@ -133,7 +133,16 @@ class InboxScanner:
         now = time.time() if now is None else now
         self.forget(a.rel)
         self._tries[a.rel] = a.tries + 1
-        self._deferred[a.rel] = Deferred(a.size, a.mtime, now, a.tries + 1, reason)
+        self._deferred[a.rel] = Deferred(a, now, a.tries + 1, reason)
+
+    def _end_deferred(self, ended: frozenset[str]) -> None:
+        """Deferred files of jobs that ended meanwhile come back now, failed with the reason
+        (their folder is not listed any more)."""
+        for rel, d in list(self._deferred.items()):
+            if rel.rsplit("/", 1)[0] in ended:
+                del self._deferred[rel]
+                why = f"{d.reason} (its job ended before it was complete)"
+                self._ready[rel] = replace(d.arrival, tries=d.tries, problem=why)
 
     def _after_deferral(self, a: Arrival, now: float) -> Arrival | None:
         """The arrival to go on with (a deferred file that changed, or gave up), or None while
@@ -142,7 +151,7 @@ class InboxScanner:
         tries = self._tries.get(a.rel, 0)
         if d is None:
             return replace(a, tries=tries) if tries else a
-        if (a.size, a.mtime) != (d.size, d.mtime):
+        if (a.size, a.mtime) != (d.arrival.size, d.arrival.mtime):
             del self._deferred[a.rel]  # it changed: settle and try again
             return replace(a, tries=tries)
         if now - d.since < self.incomplete_s:

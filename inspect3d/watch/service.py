@@ -88,7 +88,10 @@ class Watcher:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.states: dict[int, JobState] = {}
-        self.ended_dirs: set[str] = set()  # folders of ended jobs: not listed any more
+        self.ended_dirs: set[str] = set()  # folders of ended jobs: not listed any more...
+        # ...but on the first poll: a file there that a crash left unrecorded (e.g. one that
+        # waited to be complete) is recorded once, with its reason
+        self._listed_all = False
         self._closing: list[int] = []
         self._locks: list[int] = []
         self._health: dict = {}
@@ -251,12 +254,15 @@ class Watcher:
     def step(self, now: float | None = None) -> bool:
         """One iteration; True when it did something (files scored, markers handled)."""
         self._maybe_reload()
-        arrivals = self.scanner.poll(self.known, now, frozenset(self.ended_dirs))
+        skip = frozenset(self.ended_dirs) if self._listed_all else frozenset()
+        arrivals = self.scanner.poll(self.known, now, skip)
+        self._listed_all = True
         self._note_scan_error()
         layers = [a for a in arrivals if not a.marker][: self.cfg.batch_size]
-        if layers:
-            self._commit(score_batch(self.model, layers, self.inbox, self.limits))
+        results = score_batch(self.model, layers, self.inbox, self.limits) if layers else []
+        self._commit(results)
         rest = {(a.printer, a.job) for a in arrivals[len(layers) :] if not a.marker}
+        rest |= {(r.arrival.printer, r.arrival.job) for r in results if r.status == "retry"}
         rest |= self.scanner.waiting  # end a job only once all its files are in
         markers = [a for a in arrivals if a.marker and (a.printer, a.job) not in rest]
         self._end_jobs(markers, now)
@@ -325,8 +331,9 @@ class Watcher:
             states[job_id] = JobState()
         elif job["status"] != "open":
             job_id = job["id"]
+            ended = f"job {a.job!r} of printer {a.printer!r} already ended ({job['end_reason']})"
+            r.error = ended if r.status != "failed" else f"{r.error}; {ended}"
             r.status, r.score = "failed", None
-            r.error = f"job {a.job!r} of printer {a.printer!r} already ended ({job['end_reason']})"
         else:
             job_id = job["id"]
         layer = a.layer if a.layer is not None else self.store.n_layers(job_id) + 1

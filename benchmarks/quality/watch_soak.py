@@ -1,0 +1,275 @@
+"""kill -9 soak with bad inputs: jobs replayed into an inbox with every bad file of issue 12
+mixed in, slow writers among the good layers, actions on every decision, and the watcher
+killed at random; then counted.
+
+Counted (and, by ``tests/test_watch_soak.py`` on a short run, asserted): good layers lost (not
+scored), bad files not recorded exactly once with their reason, actions run more than once per
+decision and level, actions left "may have run", reject-log records written twice, and the
+watcher processes' peak memory against the documented bound.
+
+    python benchmarks/quality/watch_soak.py --model RUN/model.onnx --data SYNTH_DIR \
+        [--rounds 6] [--printers 4] [--kills 40] [--seed 0]
+
+(``--data``: a data set of ``inspect3d synth``; prints the counts as JSON.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from inspect3d.data.layout import text_name
+from inspect3d.watch.simulate import load_jobs, write_layer
+
+# kind -> (file name below the job folder, what its failure reason must say)
+BAD = {
+    "non_utf8": (b"bad_\xff\xfe.png", "not valid UTF-8"),
+    "huge_layer": (b"layer_99999999999999999999.png", "out of range"),
+    "control_chars": (b"bad\nname.png", "control characters"),
+    "hdr_as_png": (b"bad_hdr.png", "content is Radiance HDR"),
+    "webp_as_png": (b"bad_webp.png", "content is WebP"),
+    "jpeg_as_tif": (b"bad_jpeg.tif", "content is JPEG but the name says .tif"),
+    "tiff_bomb": (b"bad_bomb.tif", "above max_pixels"),
+    "png16_over_budget": (b"bad_png16.png", "needs 200000000 bytes to decode"),
+    "fifo": (b"bad_fifo.png", "is a FIFO"),
+    "folder": (b"bad_folder.png", "is a directory"),
+    "cut_short": (b"bad_cut.png", "cannot decode"),  # never completed: given up, with reason
+    "empty": (b"bad_empty.png", "0 bytes"),
+}
+SLOW_EVERY = 9  # every 9th good layer is written in two halves 0.3 s apart
+
+
+def png_header(width: int, height: int, depth: int, colour: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    )
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (277, 3, 1, 1)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 68
+
+
+def write_bad(folder: Path, kind: str, good: bytes) -> bytes:
+    """Write one bad input of ``kind`` into ``folder``; returns its path below the inbox."""
+    name, _ = BAD[kind]
+    path = os.fsencode(folder) + b"/" + name
+    os.makedirs(os.fsencode(folder), exist_ok=True)
+    grey = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_GRAYSCALE)
+    content = {
+        "hdr_as_png": lambda: cv2.imencode(".hdr", np.float32(np.dstack([grey] * 3)) / 255)[1],
+        "webp_as_png": lambda: cv2.imencode(".webp", grey)[1],
+        "jpeg_as_tif": lambda: cv2.imencode(".jpg", grey)[1],
+        "tiff_bomb": lambda: tiff_header(20000, 20000),
+        "png16_over_budget": lambda: png_header(5000, 5000, 16, 6) + b"\0" * 64,
+        "cut_short": lambda: good[: len(good) // 2],
+        "empty": lambda: b"",
+    }.get(kind, lambda: good)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        os.mkdir(path)
+    else:
+        with open(path + b".part", "wb") as f:
+            f.write(bytes(content()))
+        os.replace(path + b".part", path)
+    return path
+
+
+def replay_with_faults(inbox: Path, data: Path, rounds: int, printers: int, seed: int) -> dict:
+    """Write every job ``rounds`` times, printers interleaved, two bad inputs per job; returns
+    {"good": [rel], "bad": {rel: reason}}."""
+    rng = random.Random(seed)
+    base = load_jobs(data)
+    jobs = [(f"r{r}-{j.name}", list(j.layers)) for r in range(rounds) for j in base]
+    kinds = list(BAD) * (2 * len(jobs) // len(BAD) + 1)  # two bad inputs per job
+    rng.shuffle(kinds)
+    plan = {
+        name: {rng.randrange(len(layers)): kinds.pop(), 0: kinds.pop()} for name, layers in jobs
+    }
+    queues = [jobs[p::printers] for p in range(printers)]
+    written: dict = {"good": [], "bad": {}}
+    n = 0
+    while any(queues):
+        for p, queue in enumerate(queues):
+            if queue:
+                n += _write_next(inbox, f"printer{p}", queue, plan, written, n)
+            time.sleep(0.02)
+    return written
+
+
+def _write_next(inbox: Path, printer: str, queue: list, plan: dict, written: dict, n: int) -> int:
+    name, layers = queue[0]
+    folder = inbox / printer / name
+    index = len(written["good"])
+    item = layers.pop(0)
+    kind = plan[name].pop(len(layers), None)
+    if kind is not None:
+        path = write_bad(folder, kind, item.path.read_bytes())
+        rel = os.fsdecode(path)[len(str(inbox)) + 1 :]
+        written["bad"][rel] = BAD[kind][1]
+    mode = "grow" if index % SLOW_EVERY == SLOW_EVERY - 1 else "rename"
+    write_layer(item.path, folder / item.path.name, mode, pause_s=0.3)
+    written["good"].append(f"{printer}/{name}/{item.path.name}")
+    if not layers:
+        (folder / "JOB_END").touch()
+        queue.pop(0)
+    return 1
+
+
+def watch_command(model: Path, inbox: Path, state: Path, ran: Path, threshold: float) -> list:
+    """The watcher, with an action on every decision that notes its idempotency key."""
+    script = ran.with_suffix(".sh")
+    script.write_text(f'echo "$INSPECT3D_IDEMPOTENCY_KEY" >> "{ran}"\n')
+    return [
+        sys.executable, "-m", "inspect3d.cli", "watch", f"model={model}", f"inbox={inbox}",
+        f"state={state}", "settle_s=0.05", "poll_s=0.05", "policy.k=2", "policy.n=3",
+        f"policy.threshold={threshold}", "incomplete_s=1", "incomplete_tries=3",
+        f"actions.command=[/bin/sh,{script}]",
+        "actions.levels=[WARN,REJECT,FINAL_OK,FINAL_WARN,FINAL_REJECT]",
+    ]  # fmt: skip
+
+
+def run_watcher(cmd: list, kill_after: float | None) -> tuple[int, int, str]:
+    """(exit status, peak RSS in KiB of this watcher process, stderr tail): killed with -9
+    after ``kill_after`` seconds, or run to its end (``until_idle``)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        if kill_after is not None:
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, usage.ru_maxrss, err.read().decode(errors="replace")[-2000:]
+
+
+def median_peak(model: Path, data: Path) -> float:
+    """A threshold that half the jobs' peak layer scores reach: both outcomes happen."""
+    from inspect3d.infer import OnnxModel
+
+    m = OnnxModel.load(model)
+    peaks = [
+        max(s.defect_score for s in m.predict_batch([i.path for i in j.layers]))
+        for j in load_jobs(data)
+    ]
+    return float(np.median(peaks))
+
+
+def soak(model: Path, data: Path, work: Path, rounds: int, printers: int, kills: int, seed: int):
+    """Replay with faults while killing the watcher ``kills`` times; returns the counts."""
+    inbox, state, ran = work / "inbox", work / "state", work / "actions_ran.txt"
+    inbox.mkdir(parents=True)
+    cmd = watch_command(model, inbox, state, ran, median_peak(model, data))
+    written: dict = {}
+
+    def write() -> None:
+        try:
+            written.update(replay_with_faults(inbox, data, rounds, printers, seed))
+        except BaseException as exc:  # reported after the watcher is stopped
+            written["error"] = exc
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    rng, done, progressed, last, peak = random.Random(seed), 0, 0, 0, 0
+    while done < kills or writer.is_alive():
+        _, rss, _ = run_watcher(cmd, rng.uniform(0.6, 2.0))
+        done, peak = done + 1, max(peak, rss)
+        now = layer_count(state)
+        progressed, last = progressed + (now > last), now
+    writer.join()
+    if "error" in written:
+        raise RuntimeError("replaying the jobs failed") from written["error"]
+    rc, rss, err = run_watcher([*cmd, "until_idle=true"], None)
+    if rc != 0:
+        raise RuntimeError(f"final watcher run exited {rc}: {err}")
+    counts = count(state, written, ran)
+    counts.update(kills=done, kills_at_work=progressed, peak_rss_mb=round(max(peak, rss) / 1024))
+    return counts
+
+
+def layer_count(state: Path) -> int:
+    try:
+        with sqlite3.connect(state / "watch.db") as con:
+            return con.execute("SELECT COUNT(*) FROM layers").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def count(state: Path, written: dict, ran: Path) -> dict:
+    """The soak's outcome: what was lost, what happened twice."""
+    con = sqlite3.connect(state / "watch.db")
+    layers = {
+        text_name(r[0]): (r[1], r[2]) for r in con.execute("SELECT rel, status, error FROM layers")
+    }
+    lost = [rel for rel in written["good"] if layers.get(rel, ("",))[0] != "scored"]
+    wrong = {
+        rel: layers.get(rel)
+        for rel, why in written["bad"].items()
+        if layers.get(rel, ("", ""))[0] != "failed" or why not in (layers[rel][1] or "")
+    }
+    actions = con.execute("SELECT a.status, a.decision_id FROM actions a").fetchall()
+    sid = json.loads(con.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0])
+    runs = Counter(ran.read_text().split()) if ran.exists() else Counter()
+    done_keys = [f"{sid}-{d}" for s, d in actions if s == "done"]
+    logged = [
+        json.loads(x)["decision_id"] for x in (state / "rejects.jsonl").read_text().splitlines()
+    ]
+    return {
+        "good_layers": len(written["good"]),
+        "good_lost": len(lost),
+        "lost_examples": lost[:5],
+        "bad_files": len(written["bad"]),
+        "bad_not_recorded_once_with_reason": len(wrong),
+        "wrong_examples": dict(list(wrong.items())[:5]),
+        "decisions": con.execute("SELECT COUNT(*) FROM decisions").fetchone()[0],
+        "actions": len(actions),
+        "action_runs": sum(runs.values()),
+        "actions_run_twice": sum(1 for n in runs.values() if n > 1),
+        "actions_done_not_run_once": sum(1 for k in done_keys if runs[k] != 1),
+        "actions_may_have_run": sum(1 for s, _ in actions if s == "unknown"),
+        "actions_open": sum(1 for s, _ in actions if s in ("pending", "running")),
+        "reject_log_records": len(logged),
+        "reject_log_duplicates": len(logged) - len(set(logged)),
+        "reject_log_missing": len(
+            {r[0] for r in con.execute("SELECT id FROM decisions")} - set(logged)
+        ),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--printers", type=int, default=4)
+    p.add_argument("--kills", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="watch-soak-") as work:
+        counts = soak(args.model, args.data, Path(work), args.rounds, args.printers, args.kills,
+                      args.seed)  # fmt: skip
+    print(json.dumps(counts, indent=2))
+
+
+if __name__ == "__main__":
+    main()
