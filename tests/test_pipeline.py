@@ -207,3 +207,14 @@ def test_int8_quantisation_writes_a_checked_model(tiny_run, tmp_path, capsys):
     assert model.meta.quantization == "int8-qdq-static"
     ops = {n.op_type for n in onnx.load(str(paths[1])).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_map_loss_needs_a_defect_layer_with_a_mask():
+    from inspect3d.train.dataset import LayerDataset
+    from inspect3d.train.run import map_loss_weight
+
+    images, masks = np.zeros((3, 1, 32, 32), np.uint8), np.zeros((3, 1, 8, 8), np.uint8)
+    only_normal = LayerDataset(images, [0, 1, 1], (masks, np.array([True, False, False])))
+    assert map_loss_weight(only_normal, 1.0) == 0.0  # one-sided: it would favour normal
+    with_defect = LayerDataset(images, [0, 1, 1], (masks, np.array([True, True, False])))
+    assert map_loss_weight(with_defect, 0.5) == 0.5

@@ -92,10 +92,24 @@ def make_optimizer(optim_cfg: Any, net: LayerNet, backbone_lr_scale: float):
     return ctor(groups)
 
 
+class FeatureSet(torch.utils.data.Dataset):
+    """A LayerDataset's labels and masks with backbone features in place of the pixels."""
+
+    def __init__(self, features: torch.Tensor, layers) -> None:
+        self.images = features
+        self.labels, self.masks, self.known = layers.labels, layers.masks, layers.known
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self.images[i], self.labels[i], self.masks[i], self.known[i]
+
+
 @torch.inference_mode()
 def feature_dataset(
     net: LayerNet, dataset, device: torch.device, amp: bool, batch_size: int = 16
-) -> torch.utils.data.TensorDataset:
+) -> FeatureSet:
     """(features float16, label, mask, known) of every layer of a LayerDataset, computed once
     by the frozen backbone (in eval mode: pretrained BatchNorm statistics)."""
     was_training = net.training
@@ -114,4 +128,4 @@ def feature_dataset(
         "x".join(str(s) for s in f.shape[1:]),
         f.numel() * 2 / 2**20,
     )
-    return torch.utils.data.TensorDataset(f, dataset.labels, dataset.masks, dataset.known)
+    return FeatureSet(f, dataset)

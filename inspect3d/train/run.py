@@ -164,6 +164,16 @@ def probe_loaders(model, loaders: Loaders, cfg: DictConfig, device: torch.device
     return loaders_of(train_set, val_set, cfg.trainer, cfg.seed)
 
 
+def map_loss_weight(train_set, weight: float) -> float:
+    """``trainer.map_loss_weight``, or 0 when no defect layer of the training set has a mask:
+    the map loss would then only tell the normal layers' cells to be normal, a push towards the
+    normal class that the unmasked defect layers get no counterpart of."""
+    if weight > 0 and not bool((train_set.known & (train_set.labels != 0)).any()):
+        log.info("no defect layer has a mask: the defect map is trained through the layer labels")
+        return 0.0
+    return weight
+
+
 def _log_data(data: LayerData) -> None:
     log.info("classes: %s (normal: %s)", data.classes, data.normal_class)
     log.info(
@@ -212,6 +222,7 @@ class _Training:
         self.scheduler = warmup_cosine(
             self.optimizer, steps * t.epochs, max(1, int(steps * t.warmup_epochs))
         )
+        self.map_weight = map_loss_weight(loaders.train.dataset, t.map_loss_weight)
         self.amp = bool(t.amp) and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         model.to(memory_format=memory_format(device))
@@ -275,7 +286,7 @@ class _Training:
                 t.max_steps_per_epoch,
                 t.progress and distributed.is_main(),
                 f"epoch {epoch}/{t.epochs}",
-                t.map_loss_weight,
+                self.map_weight,
                 times,
             )
             self._end_epoch(epoch, self._epoch_speed(loss, times))
