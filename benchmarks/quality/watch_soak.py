@@ -101,11 +101,12 @@ def replay_with_faults(inbox: Path, data: Path, rounds: int, printers: int, seed
     rng = random.Random(seed)
     base = load_jobs(data)
     jobs = [(f"r{r}-{j.name}", list(j.layers)) for r in range(rounds) for j in base]
-    kinds = list(BAD) * (2 * len(jobs) // len(BAD) + 1)  # two bad inputs per job
-    rng.shuffle(kinds)
-    plan = {
-        name: {rng.randrange(len(layers)): kinds.pop(), 0: kinds.pop()} for name, layers in jobs
-    }
+    order = list(BAD)
+    rng.shuffle(order)
+    plan = {}  # job -> {layers left when the bad input is written: its kind}, two kinds a job
+    for k, (name, layers) in enumerate(jobs):
+        first, second = order[2 * k % len(order)], order[(2 * k + 1) % len(order)]
+        plan[name] = {0: first, rng.randrange(1, max(2, len(layers))): second}
     queues = [jobs[p::printers] for p in range(printers)]
     written: dict = {"good": [], "bad": {}}
     n = 0

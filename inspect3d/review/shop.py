@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from inspect3d.errors import InspectError
 from inspect3d.infer.model import likeliest_defect
 from inspect3d.review.decisions import is_open
 from inspect3d.watch.journal import evidence_folder
-from inspect3d.watch.store import Store, decode_map
+from inspect3d.watch.store import DecisionRow, JobRow, LayerRow, Store, decode_map
 
 DB_NAME = "watch.db"
 # A job counts as replayed (scored from a backlog, not live) when the watcher scored its
@@ -205,12 +204,10 @@ def load(store: Store) -> Shop:
     meta = {k: json.loads(v) for k, v in store.meta().items()}
     inbox = Path(meta["inbox"]) if meta.get("inbox") else None
     reviews = {k: dict(v) for k, v in store.current_reviews().items()}
-    jobs = [_job(store.db, row, meta) for row in store.db.execute("SELECT * FROM jobs ORDER BY id")]
+    jobs = [_job(row, store.job_decisions(row.id), meta) for row in store.jobs()]
     for job in jobs:
-        rows = store.db.execute(
-            "SELECT * FROM layers WHERE job_id = ? ORDER BY layer, id", (job.id,)
-        ).fetchall()
-        job.layers = [_layer(r, job, state, inbox, reviews.get(r["id"])) for r in rows]
+        rows = store.job_layers(job.id)
+        job.layers = [_layer(r, job, state, inbox, reviews.get(r.id)) for r in rows]
     s = Shop(state, meta, jobs)
     normal = s.normal_class()
     for x in (x for j in jobs for x in j.layers if x.probs and normal is not None):
@@ -218,11 +215,8 @@ def load(store: Store) -> Shop:
     return s
 
 
-def _job(db: sqlite3.Connection, row: sqlite3.Row, meta: dict) -> Job:
-    rows = db.execute(
-        "SELECT kind, record, created_at FROM decisions WHERE job_id = ? ORDER BY id", (row["id"],)
-    ).fetchall()
-    records = {r["kind"]: json.loads(r["record"]) for r in rows}
+def _job(row: JobRow, decisions: list[DecisionRow], meta: dict) -> Job:
+    records = {d.kind: d.record for d in decisions}
     final = records.get("FINAL")
     threshold = next((r["threshold"] for r in records.values() if "threshold" in r), None)
     map_threshold = next(
@@ -230,25 +224,24 @@ def _job(db: sqlite3.Connection, row: sqlite3.Row, meta: dict) -> Job:
         meta.get("map_threshold"),
     )
     return Job(
-        id=row["id"], printer=row["printer"], name=row["name"], status=row["status"],
-        verdict=final["verdict"] if final else row["level"], final=final is not None,
-        ended_by=row["end_reason"], records=records,
-        decided_at={r["kind"]: r["created_at"] for r in rows},
+        id=row.id, printer=row.printer, name=row.name, status=row.status,
+        verdict=final["verdict"] if final else row.level, final=final is not None,
+        ended_by=row.end_reason, records=records,
+        decided_at={d.kind: d.created_at for d in decisions},
         threshold=float(threshold if threshold is not None else meta.get("threshold", 0.5)),
         map_threshold=None if map_threshold is None else float(map_threshold),
     )  # fmt: skip
 
 
-def _layer(row: sqlite3.Row, job: Job, state: Path, inbox: Path | None, review) -> Layer:
-    scored = row["status"] == "scored"
+def _layer(row: LayerRow, job: Job, state: Path, inbox: Path | None, review) -> Layer:
+    scored = row.status == "scored"
     return Layer(
-        id=row["id"], layer=row["layer"], rel=row["rel"], status=row["status"],
-        score=row["score"], label=row["label"],
-        probs=json.loads(row["probs"]) if row["probs"] else {},
-        defect_map=decode_map(row) if scored and row["map"] is not None else None,
-        at=row["mtime"] or row["done_at"], scored_at=row["done_at"], error=row["error"],
-        image=find_image(state, inbox, job, row["rel"], row["sha256"]), review=review,
-        flagged=scored and row["score"] >= job.threshold,
+        id=row.id, layer=row.layer, rel=row.rel, status=row.status,
+        score=row.score, label=row.label, probs=json.loads(row.probs) if row.probs else {},
+        defect_map=decode_map(row) if scored and row.map is not None else None,
+        at=row.mtime or row.done_at, scored_at=row.done_at, error=row.error,
+        image=find_image(state, inbox, job, row.rel, row.sha256), review=review,
+        flagged=scored and row.score >= job.threshold,
     )  # fmt: skip
 
 

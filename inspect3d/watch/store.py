@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,82 @@ def resolve_typed_path(typed: str, state: Path) -> Path:
     return path
 
 
+def _typed(kind: type, row: sqlite3.Row | None):
+    """A row as its dataclass (columns added later are left out, missing ones default)."""
+    if row is None:
+        return None
+    return kind(**_columns(kind, row))
+
+
+def _columns(kind: type, row: sqlite3.Row) -> dict:
+    names = {f.name for f in fields(kind)}
+    return {k: v for k, v in dict(row).items() if k in names}
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    printer: str
+    name: str
+    status: str  # open | closed
+    level: str  # OK | WARN | REJECT so far
+    opened_at: float | None = None
+    last_at: float | None = None
+    closed_at: float | None = None
+    end_reason: str | None = None  # marker | next_job | idle
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    id: int
+    job_id: int
+    rel: str  # path below the inbox as text (``layout.name_text``)
+    status: str  # scored | failed
+    layer: int | None = None
+    size: int | None = None
+    mtime: float | None = None
+    sha256: str | None = None
+    score: float | None = None
+    label: str | None = None
+    probs: str | None = None  # JSON
+    map_peak: float | None = None
+    map_mean: float | None = None
+    map: bytes | None = None  # float16 (map_h, map_w)
+    map_h: int | None = None
+    map_w: int | None = None
+    model_sha: str | None = None
+    error: str | None = None
+    note: str | None = None
+    done_at: float | None = None
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    id: int
+    job_id: int
+    kind: str  # WARN | REJECT | FINAL
+    level: str
+    record: dict  # the decision as logged (parsed JSON)
+    created_at: float | None = None
+    logged: int = 0
+    evidence: int = 0
+
+    @classmethod
+    def of(cls, row: sqlite3.Row) -> DecisionRow:
+        d = _columns(cls, row)
+        return cls(**{**d, "record": json.loads(d["record"])})
+
+
+@dataclass(frozen=True)
+class PendingAction:
+    id: int
+    name: str  # command | webhook
+    attempts: int
+    record: dict  # its decision's record
+
+
 class Store:
-    """One connection to ``STATE/watch.db``; use from one thread."""
+    """One connection to ``STATE/watch.db``; use from one thread. Reads return typed rows."""
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -112,12 +187,26 @@ class Store:
     def known_rels(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT rel FROM layers")}
 
-    def job(self, printer: str, name: str) -> sqlite3.Row | None:
+    def job(self, printer: str, name: str) -> JobRow | None:
         sql = "SELECT * FROM jobs WHERE printer = ? AND name = ?"
-        return self.db.execute(sql, (printer, name)).fetchone()
+        return _typed(JobRow, self.db.execute(sql, (printer, name)).fetchone())
 
-    def open_jobs(self) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM jobs WHERE status = 'open' ORDER BY id").fetchall()
+    def open_jobs(self) -> list[JobRow]:
+        sql = "SELECT * FROM jobs WHERE status = 'open' ORDER BY id"
+        return [_typed(JobRow, r) for r in self.db.execute(sql)]
+
+    def jobs(self) -> list[JobRow]:
+        """Every job, in the order they were opened."""
+        return [_typed(JobRow, r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
+
+    def job_layers(self, job_id: int) -> list[LayerRow]:
+        """A job's layers (scored and failed) in layer order."""
+        sql = "SELECT * FROM layers WHERE job_id = ? ORDER BY layer, id"
+        return [_typed(LayerRow, r) for r in self.db.execute(sql, (job_id,))]
+
+    def job_decisions(self, job_id: int) -> list[DecisionRow]:
+        sql = "SELECT * FROM decisions WHERE job_id = ? ORDER BY id"
+        return [DecisionRow.of(r) for r in self.db.execute(sql, (job_id,))]
 
     def job_obs(self, job_id: int) -> list[LayerObs]:
         """The job's scored layers in the order they were scored (what the policy saw)."""
@@ -143,17 +232,18 @@ class Store:
             "SELECT COUNT(*) FROM layers WHERE job_id = ?", (job_id,)
         ).fetchone()[0]
 
-    def layer_rows(self, job_id: int, layers: list[int]) -> list[sqlite3.Row]:
+    def layer_rows(self, job_id: int, layers: list[int]) -> list[LayerRow]:
         marks = ",".join("?" * len(layers))
         sql = f"SELECT * FROM layers WHERE job_id = ? AND status = 'scored' AND layer IN ({marks})"
-        return self.db.execute(sql, (job_id, *layers)).fetchall()
+        return [_typed(LayerRow, r) for r in self.db.execute(sql, (job_id, *layers))]
 
-    def unlogged(self) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM decisions WHERE logged = 0 ORDER BY id").fetchall()
+    def unlogged(self) -> list[DecisionRow]:
+        sql = "SELECT * FROM decisions WHERE logged = 0 ORDER BY id"
+        return [DecisionRow.of(r) for r in self.db.execute(sql)]
 
-    def without_evidence(self) -> list[sqlite3.Row]:
+    def without_evidence(self) -> list[DecisionRow]:
         sql = "SELECT * FROM decisions WHERE evidence = 0 AND logged = 1 ORDER BY id"
-        return self.db.execute(sql).fetchall()
+        return [DecisionRow.of(r) for r in self.db.execute(sql)]
 
     def meta(self) -> dict[str, str]:
         meta = {k: v for k, v in self.db.execute("SELECT key, value FROM meta")}
@@ -245,12 +335,12 @@ class Store:
         self.db.execute(sql, (time.time(), source, message))
         self.set_meta(last_error=message, last_error_at=time.time())
 
-    def pending_actions(self) -> list[sqlite3.Row]:
+    def pending_actions(self) -> list[PendingAction]:
         sql = (
             "SELECT a.id, a.name, a.attempts, d.record FROM actions a "
             "JOIN decisions d ON d.id = a.decision_id WHERE a.status = 'pending' ORDER BY a.id"
         )
-        return self.db.execute(sql).fetchall()
+        return [PendingAction(r[0], r[1], r[2], json.loads(r[3])) for r in self.db.execute(sql)]
 
     def start_action(self, action_id: int) -> bool:
         """Commit the intent to run a pending action (before it runs); False if not pending."""
@@ -342,7 +432,7 @@ class Store:
         )
 
 
-def decode_map(row: sqlite3.Row) -> np.ndarray:
+def decode_map(row: LayerRow) -> np.ndarray:
     """The stored defect map of a layer row as float32 (h, w)."""
-    m = np.frombuffer(row["map"], dtype=np.float16).reshape(row["map_h"], row["map_w"])
+    m = np.frombuffer(row.map, dtype=np.float16).reshape(row.map_h, row.map_w)
     return m.astype(np.float32)
