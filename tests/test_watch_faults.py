@@ -589,3 +589,37 @@ def test_review_bounds_connections_and_times_out_idle_ones(review_server, monkey
     assert answers.count(b"") >= MAX_CONNECTIONS  # the idle ones timed out
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
         assert r.status == 200  # served again once the idle ones are gone
+
+
+def test_review_renders_a_few_pages_at_a_time(review_server, monkeypatch):
+    from inspect3d.review import server as module
+
+    real, active, most = module.Handler._page, [0], [0]
+    lock = threading.Lock()
+
+    def counted(self, job_arg):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.2)  # long enough for the others to pile up (nothing timed is asserted)
+            return real(self, job_arg)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(module.Handler, "_page", counted)
+    port = review_server.server_address[1]
+
+    def get() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as r:
+            return r.status
+
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(get())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses == [200] * 8
+    assert most[0] <= module.RENDER_SLOTS

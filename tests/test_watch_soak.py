@@ -133,7 +133,7 @@ def test_kill_9_soak_with_bad_inputs_and_actions(tmp_path, exported, synth_dir, 
     monkeypatch.syspath_prepend(str(BENCH))
     import watch_soak
 
-    c = watch_soak.soak(exported, synth_dir, tmp_path, rounds=2, printers=4, kills=8, seed=3)
+    c = watch_soak.soak(exported, synth_dir, tmp_path, (2, 4, 8, 3))
     assert c["good_layers"] == 120 and c["good_lost"] == 0, c
     assert c["bad_files"] >= 30 and c["bad_not_recorded_once_with_reason"] == 0, c
     assert c["actions"] == c["decisions"] > 0 and c["actions_open"] == 0, c

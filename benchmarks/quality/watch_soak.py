@@ -176,8 +176,17 @@ def median_peak(model: Path, data: Path) -> float:
     return float(np.median(peaks))
 
 
-def soak(model: Path, data: Path, work: Path, rounds: int, printers: int, kills: int, seed: int):
-    """Replay with faults while killing the watcher ``kills`` times; returns the counts."""
+def soak(
+    model: Path,
+    data: Path,
+    work: Path,
+    plan: tuple[int, int, int, int],
+    life_s: tuple[float, float] = (0.6, 2.0),
+) -> dict:
+    """Replay with faults while killing the watcher; returns the counts. ``plan``: rounds of
+    the data set's jobs, printers, kills at least, seed; each watcher lives a random time in
+    ``life_s`` before its kill -9."""
+    rounds, printers, kills, seed = plan
     inbox, state, ran = work / "inbox", work / "state", work / "actions_ran.txt"
     inbox.mkdir(parents=True)
     cmd = watch_command(model, inbox, state, ran, median_peak(model, data))
@@ -193,7 +202,7 @@ def soak(model: Path, data: Path, work: Path, rounds: int, printers: int, kills:
     writer.start()
     rng, done, progressed, last, peak = random.Random(seed), 0, 0, 0, 0
     while done < kills or writer.is_alive():
-        _, rss, _ = run_watcher(cmd, rng.uniform(0.6, 2.0))
+        _, rss, _ = run_watcher(cmd, rng.uniform(*life_s))
         done, peak = done + 1, max(peak, rss)
         now = layer_count(state)
         progressed, last = progressed + (now > last), now
@@ -265,10 +274,11 @@ def main() -> None:
     p.add_argument("--printers", type=int, default=4)
     p.add_argument("--kills", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--life-max", type=float, default=3.0, help="longest life before a kill, s")
     args = p.parse_args()
+    plan = (args.rounds, args.printers, args.kills, args.seed)
     with tempfile.TemporaryDirectory(prefix="watch-soak-") as work:
-        counts = soak(args.model, args.data, Path(work), args.rounds, args.printers, args.kills,
-                      args.seed)  # fmt: skip
+        counts = soak(args.model, args.data, Path(work), plan, (0.6, args.life_max))
     print(json.dumps(counts, indent=2))
 
 
