@@ -10,7 +10,8 @@ watcher processes' peak memory against the documented bound.
     python benchmarks/quality/watch_soak.py --model RUN/model.onnx --data SYNTH_DIR \
         [--rounds 6] [--printers 4] [--kills 40] [--seed 0]
 
-(``--data``: a data set of ``inspect3d synth``; prints the counts as JSON.)
+(``--data``: a data set of ``inspect3d synth``; prints the counts as JSON.) ``--memory``: the
+peak RSS of a watcher scoring layers right at the default decode budget instead.
 """
 
 from __future__ import annotations
@@ -266,6 +267,37 @@ def count(state: Path, written: dict, ran: Path) -> dict:
     }
 
 
+def memory_at_budget(model: Path, work: Path, n: int = 8) -> dict:
+    """Peak RSS of a watcher scoring ``n`` layers each right at the default decode budget
+    (16-bit colour PNGs of ``max_image_bytes`` decoded), against the documented bound."""
+    from inspect3d.watch.config import WatchConfig
+    from inspect3d.watch.scoring import DECODE_THREADS, Limits, decode_memory_bound
+
+    cfg = WatchConfig(model=str(model), inbox="-", state="-")
+    side = int((cfg.max_image_bytes / 6) ** 0.5)  # 3 channels x 2 bytes
+    rng = np.random.default_rng(0)
+    image = (rng.random((side, side, 3)) * 4095).astype(np.uint16)  # a file under the limit
+    data = cv2.imencode(".png", image)[1].tobytes()
+    inbox, state = work / "inbox-mem", work / "state-mem"
+    for i in range(n):
+        (inbox / "p" / "j").mkdir(parents=True, exist_ok=True)
+        (inbox / "p" / "j" / f"layer_{i:04d}.png").write_bytes(data)
+    cmd = [sys.executable, "-m", "inspect3d.cli", "watch", f"model={model}", f"inbox={inbox}",
+           f"state={state}", "settle_s=0", "until_idle=true"]  # fmt: skip
+    rc, rss, err = run_watcher(cmd, None)
+    if rc != 0:
+        raise RuntimeError(f"watcher exited {rc}: {err}")
+    with sqlite3.connect(state / "watch.db") as con:
+        scored = con.execute("SELECT COUNT(*) FROM layers WHERE status = 'scored'").fetchone()[0]
+    limits = Limits(cfg.max_pixels, cfg.max_image_bytes)
+    return {
+        "layers_at_budget": n, "scored": scored, "image": f"{side}x{side} 16-bit RGB",
+        "file_bytes": len(data), "decode_threads": DECODE_THREADS,
+        "decode_bound_mb": round(decode_memory_bound(limits) / 1e6),
+        "peak_rss_mb": round(rss / 1024),
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
@@ -274,9 +306,14 @@ def main() -> None:
     p.add_argument("--printers", type=int, default=4)
     p.add_argument("--kills", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action="store_true", help="peak RSS at the decode budget only")
     p.add_argument("--life-max", type=float, default=3.0, help="longest life before a kill, s")
     args = p.parse_args()
     plan = (args.rounds, args.printers, args.kills, args.seed)
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="watch-mem-") as work:
+            print(json.dumps(memory_at_budget(args.model, Path(work)), indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="watch-soak-") as work:
         counts = soak(args.model, args.data, Path(work), plan, (0.6, args.life_max))
     print(json.dumps(counts, indent=2))
