@@ -30,14 +30,14 @@ def test_groups_exist():
 def test_every_data_config_composes(data):
     cfg = compose("train", [f"data={data}", "data.root=/somewhere", "data.normal_class=ok"])
     assert cfg.data.kind in ("folder", "manifest", "synth")
-    pre = preprocess_of(cfg.data)
+    pre = preprocess_of(cfg.data, [])  # no layers to look at: channels unset means grey
     assert pre.channels in (1, 3)
 
 
 @pytest.mark.parametrize("model", group("model"))
 def test_every_model_config_instantiates(model):
     cfg = compose("train", [f"model={model}"])
-    net = model_from_config(OmegaConf.to_container(cfg.model), 3, preprocess_of(cfg.data))
+    net = model_from_config(OmegaConf.to_container(cfg.model), 3, preprocess_of(cfg.data, []))
     assert isinstance(net, torch.nn.Module)
 
 
