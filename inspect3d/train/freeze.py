@@ -73,7 +73,7 @@ def freeze_plan(model_cfg: Any, optim_cfg: Any, epochs: int) -> FreezePlan:
 
 def optimizer_factory(optim_cfg: Any) -> tuple[Any, float]:
     """The optimiser constructor an ``optim`` node describes (a ``_partial_`` torch.optim class
-    taking the parameters), its ``lr`` and ``backbone_lr_scale`` (not an optimiser argument)."""
+    taking the parameters) and its ``backbone_lr_scale`` (not an optimiser argument)."""
     cfg = OmegaConf.to_container(optim_cfg) if OmegaConf.is_config(optim_cfg) else dict(optim_cfg)
     scale = float(cfg.pop("backbone_lr_scale", 1.0))
     return instantiate(cfg), scale
