@@ -118,7 +118,10 @@ class NormalConfig:
     smooth_px: float = 4.0  # Gaussian smoothing of the map (sigma, input pixels); 0: none
     layer_score: str = "topk"  # topk: mean of the top-k patch distances | max
     topk: int = 10
-    shrinkage: float = 0.01  # gaussian: covariance shrinkage towards a scaled identity
+    # patchcore: compare whitened features (the good powder patches' covariance, shrunk by
+    # ``shrinkage``): faint defects move patches along directions the texture leaves quiet
+    whiten: bool = True
+    shrinkage: float = 0.01  # covariance shrinkage towards a scaled identity (whiten, gaussian)
     bank_size: int = 2048  # patchcore: patches kept in the memory bank
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
     # part masks (ROOT/_parts/<layer file name>): a part memory and a part input. Off by
@@ -126,6 +129,8 @@ class NormalConfig:
     # 0/66 to 42/66, though it helps on the synthetic printer (docs/quality.md, normal_maps)
     use_parts: bool = False
     mirror: bool = True  # the bank also holds the good layers mirrored (parts of any handedness)
+    # ... and turned by this many evenly spaced angles (part edges in any orientation); 0: none
+    rotations: int = 4
     part_share: float = 0.25
     target_frr: float = 0.01  # false-reject rate the threshold aims at
     # out-of-fold scores of the good layers set the threshold: one fold per job when there are

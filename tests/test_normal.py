@@ -12,9 +12,10 @@ import torch
 
 from inspect3d.errors import InspectError
 from inspect3d.infer import OnnxModel
+from inspect3d.metrics import order_statistic_frr
 from inspect3d.normal.fit import fit_normal, fold_ids
 from inspect3d.normal.patch import Gaussian, MemoryBank
-from inspect3d.normal.stats import frr_of_order_statistic, greedy_coreset, shrunk_gaussian
+from inspect3d.normal.stats import greedy_coreset, shrunk_gaussian
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import SIZE, compose
@@ -36,7 +37,9 @@ def normal_overrides(root, *extra: str) -> list[str]:
 def fit_and_export(root, run, *extra: str):
     from inspect3d.export.onnx import export_run
 
-    summary, path = isolated(fit_normal, compose("fit_normal", normal_overrides(root, *extra)), run)
+    # the pipeline's checks; rotated views are tested in test_normal_maps.py
+    cfg = compose("fit_normal", normal_overrides(root, "normal.rotations=0", *extra))
+    summary, path = isolated(fit_normal, cfg, run)
     assert path == run / "checkpoint.pt" and "expected FRR" in summary
     isolated(export_run, compose("export", [f"run={run}", "n_check=4"]))  # fails past the tolerance
     return run
@@ -136,6 +139,12 @@ def test_fit_normal_refuses_bad_settings(synth_dir, tmp_path):
             compose("fit_normal", normal_overrides(synth_dir, "data.normal_class=good")),
             tmp_path,
         )
+    with pytest.raises(InspectError, match=r"normal.rotations=-2 is not valid: use 0"):
+        isolated(
+            fit_normal,
+            compose("fit_normal", normal_overrides(synth_dir, "normal.rotations=-2")),
+            tmp_path,
+        )
     with pytest.raises(InspectError, match=r"normal.method='knn'.*gaussian"):
         isolated(
             fit_normal,
@@ -158,7 +167,7 @@ def test_folds_are_contiguous_and_keep_duplicates_together():
 
 
 def test_frr_interval_of_the_order_statistic():
-    rec = frr_of_order_statistic(20, 0)  # threshold above the highest of 20 good scores
+    rec = order_statistic_frr(20, 0)  # threshold above the highest of 20 good scores
     assert rec["expected_frr"] == pytest.approx(1 / 21)
     lo, hi = rec["frr_ci95"]  # Beta(1, 20): closed-form quantiles
     assert lo == pytest.approx(1 - 0.975 ** (1 / 20), rel=1e-6)

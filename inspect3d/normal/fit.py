@@ -11,9 +11,10 @@
    fitted on the other folds. These out-of-fold scores stand in for new good layers and set
    the threshold for ``normal.target_frr``; its expected false-reject rate and 95% interval
    follow from the order statistic (Beta distribution), whatever the score distribution.
-5. The final scorer is fitted on all good layers. With part masks (``ROOT/_parts/<layer file
-   name>``, white = part), part and part-outline patches get their own share of the memory
-   bank, so parts of every shape seen are remembered next to plain powder.
+5. The final scorer is fitted on all good layers (and their mirrored and rotated views,
+   sampled: ``inspect3d.normal.views``), in whitened features by default. With part masks
+   (``ROOT/_parts/<layer file name>``, white = part), part and part-outline patches get their
+   own share of the memory bank, so parts of every shape seen are remembered next to plain powder.
 6. The checkpoint has the supervised format, so ``inspect3d export``/``eval`` work unchanged.
 """
 
@@ -36,13 +37,23 @@ from inspect3d.data.preprocess import Preprocess, image_size, read_image
 from inspect3d.data.sources import load_items, preprocess_of
 from inspect3d.errors import InspectError
 from inspect3d.io import write_json_atomic
+from inspect3d.metrics import order_statistic_frr
 from inspect3d.normal.patch import BUILDER, NormalNet, build_normal_net
 from inspect3d.normal.roi import auto_roi, parse_roi
 from inspect3d.normal.stats import (
-    frr_of_order_statistic,
     greedy_coreset,
     layer_order_threshold,
     shrunk_gaussian,
+)
+from inspect3d.normal.views import (
+    PatchTable,
+    concat,
+    mirror,
+    per_view_cap,
+    rotate_cells,
+    rotate_layers,
+    sample_patches,
+    view_transforms,
 )
 from inspect3d.train.checkpoint import config_hash, save_checkpoint
 from inspect3d.train.dataset import load_layers
@@ -72,13 +83,10 @@ def fit_normal(cfg: Any, out_dir: str | Path) -> tuple[str, Path]:
     device = resolve_device(nc.device)
     batch = batch_size_for(pre, nc)
     cells = cell_weights(net, parts, len(items), net.features.grid(*pre.size))
-    views = [
-        (extract(net, _mirror(images, f), batch, device, nc.progress), _mirror(cells, f))
-        for f in (MIRRORS if nc.mirror else MIRRORS[:1])
-    ]
+    feats, table = good_patches(net, images, cells, nc, batch, device, cfg.seed)
     folds = calibration_folds(items, images, nc.calib_folds)
-    oof = out_of_fold_scores(net, views, folds, nc, cfg.seed)
-    fit_banks(net, *_stack(views, slice(None)), nc, cfg.seed)
+    oof = out_of_fold_scores(net, feats, cells, table, folds, nc, cfg.seed)
+    fit_banks(net, table, nc, cfg.seed)
     calib = calibrate(net, oof, nc.target_frr)
     peak = peak_rss_mb()
     log.info("fit-normal peak memory %s MB", "unknown" if peak is None else round(peak))
@@ -103,6 +111,11 @@ def _check_settings(cfg: Any) -> None:
         )
     if cfg.normal.bank_size < 1:
         raise InspectError(f"normal.bank_size={cfg.normal.bank_size!r} is not valid: use 1 or more")
+    if not isinstance(cfg.normal.rotations, int) or cfg.normal.rotations < 0:
+        raise InspectError(
+            f"normal.rotations={cfg.normal.rotations!r} is not valid: use 0 (none) or more "
+            f"evenly spaced angles, e.g. 4"
+        )
     if cfg.normal.calib_folds < 2:
         raise InspectError(
             f"normal.calib_folds={cfg.normal.calib_folds!r} is not valid: use 2 or more"
@@ -129,6 +142,7 @@ def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
         "smooth_px": float(nc.smooth_px),
         "roi": roi,
         "part_bank_size": part_bank,
+        "whiten": bool(nc.whiten),
     }
 
 
@@ -222,24 +236,22 @@ def extract(
     return torch.cat(out)
 
 
-# The bank also remembers the good layers mirrored left-right, top-bottom and both: parts,
-# outlines and hatching of the mirrored orientations then look familiar on new jobs. Mirrors
-# keep horizontal lines horizontal (recoater streaks keep their direction; 90-degree turns
-# would not).
-MIRRORS = ((), (-1,), (-2,), (-2, -1))
-
-
-def _mirror(x, dims: tuple[int, ...]):
-    if not dims:
-        return x
-    if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(np.flip(x, axis=dims))
-    return torch.flip(x, dims=dims)
-
-
-def _stack(views: list, select) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and cell weights of the selected layers, all views concatenated."""
-    return torch.cat([f[select] for f, _ in views]), torch.cat([c[select] for _, c in views])
+def good_patches(
+    net: NormalNet, images: np.ndarray, cells: torch.Tensor, nc: Any, batch: int, device, seed: int
+) -> tuple[torch.Tensor, PatchTable]:
+    """Features of the good layers as they are (N, C, h, w), and the table of patches sampled
+    from them and from their mirrored and rotated views (``inspect3d.normal.views``)."""
+    transforms = view_transforms(nc.mirror, nc.rotations)
+    cap = per_view_cap(nc.coreset_pool, len(images), len(transforms))
+    gen = torch.Generator().manual_seed(seed)
+    tables, plain = [], None
+    for dims, degrees in transforms:
+        layers = rotate_layers(mirror(images, dims), degrees)
+        view = extract(net, layers, batch, device, nc.progress)
+        plain = view if plain is None else plain
+        tables.append(sample_patches(view, rotate_cells(mirror(cells, dims), degrees), cap, gen))
+    log.info("%d views of each good layer in the bank's patch table", len(transforms))
+    return plain, concat(tables)
 
 
 def calibration_folds(items: list[Item], images: np.ndarray, k: int) -> np.ndarray:
@@ -271,10 +283,6 @@ def fold_ids(images: np.ndarray, k: int) -> np.ndarray:
     return folds
 
 
-def _patches(feats: torch.Tensor) -> torch.Tensor:
-    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-
-
 def cell_weights(net: NormalNet, parts: list | None, n: int, grid) -> torch.Tensor:
     """Per layer and map cell (N, h, w): 0 outside the ROI, 1 on powder, 2 on a part or its
     outline (from part masks, where the user has them)."""
@@ -301,16 +309,21 @@ def part_masks(items: list[Item], data: Any, native) -> list[np.ndarray | None] 
     return masks if found else None
 
 
-def fit_banks(net: NormalNet, feats: torch.Tensor, cells: torch.Tensor, nc: Any, seed: int) -> None:
-    """Fit the scorer (Gaussian or memory bank) on the patches of ``feats`` inside the ROI;
-    with a part memory, powder and part patches fill their own banks."""
-    patches, kind = _patches(feats), cells.reshape(-1)
+def fit_banks(net: NormalNet, table: PatchTable, nc: Any, seed: int) -> None:
+    """Fit the scorer (Gaussian or memory bank) on the good patches of ``table``; with a part
+    memory, powder and part patches fill their own banks. Bank features are whitened first
+    when the net has a ``Whiten`` (statistics of the powder patches)."""
+    patches, kind = table.patches, table.kinds
     if nc.method == "gaussian":
-        mean, whiten = shrunk_gaussian(patches[kind > 0], nc.shrinkage)
-        net.scorer.set_stats(mean, whiten)
+        net.scorer.set_stats(*shrunk_gaussian(patches, nc.shrinkage))
         return
+    if net.whiten is not None:
+        powder = patches[kind == 1] if (kind == 1).any() else patches
+        mean, whiten = shrunk_gaussian(_pool(powder, nc.coreset_pool, seed), nc.shrinkage)
+        net.whiten.set_stats(mean, whiten)
+        patches = (patches - mean) @ whiten
     if net.part_scorer is None:
-        net.scorer.set_bank(_coreset(patches[kind > 0], len(net.scorer.bank), nc, seed))
+        net.scorer.set_bank(_coreset(patches, len(net.scorer.bank), nc, seed))
         return
     net.scorer.set_bank(_coreset(patches[kind == 1], len(net.scorer.bank), nc, seed))
     parts = patches[kind == 2]
@@ -319,12 +332,17 @@ def fit_banks(net: NormalNet, feats: torch.Tensor, cells: torch.Tensor, nc: Any,
     net.part_scorer.set_bank(_coreset(parts, len(net.part_scorer.bank), nc, seed))
 
 
+def _pool(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """At most ``size`` of ``patches``, drawn at random."""
+    gen = torch.Generator().manual_seed(seed)
+    return patches[torch.randperm(len(patches), generator=gen)[:size]]
+
+
 def _coreset(patches: torch.Tensor, size: int, nc: Any, seed: int) -> torch.Tensor:
     """``size`` rows: a greedy coreset of a random pool of ``normal.coreset_pool`` patches."""
     if len(patches) == 0:
         raise InspectError("no good patch inside normal.roi: give a larger region of interest")
-    gen = torch.Generator().manual_seed(seed)
-    pool = patches[torch.randperm(len(patches), generator=gen)[: nc.coreset_pool]]
+    pool = _pool(patches, nc.coreset_pool, seed)
     bank = pool[greedy_coreset(pool, size, seed)]
     if len(bank) < size:  # fewer good patches than bank slots: repeat some
         bank = bank[torch.arange(size) % len(bank)]
@@ -332,18 +350,24 @@ def _coreset(patches: torch.Tensor, size: int, nc: Any, seed: int) -> torch.Tens
 
 
 def out_of_fold_scores(
-    net: NormalNet, views: list, folds: np.ndarray, nc: Any, seed: int
+    net: NormalNet,
+    feats: torch.Tensor,
+    cells: torch.Tensor,
+    table: PatchTable,
+    folds: np.ndarray,
+    nc: Any,
+    seed: int,
 ) -> np.ndarray:
-    """Layer distance of every good layer (as it is, unmirrored) under a scorer fitted
-    without its fold. ``views``: (features, cell weights) of the layers, then their mirrors.
-    With a part memory, the out-of-fold distances also set the part scale."""
-    feats, cells = views[0]
+    """Layer distance of every good layer (as it is: ``feats``, ``cells``) under a scorer
+    fitted without its fold's patches. With a part memory, the out-of-fold distances also set
+    the part scale."""
     powder, part = [None] * len(folds), [None] * len(folds)
     for f in sorted(set(folds.tolist())):
         held = np.flatnonzero(folds == f)
-        fit_banks(net, *_stack(views, torch.from_numpy(folds != f)), nc, seed)
-        for i in held:
-            powder[i], part[i] = _raw_maps(net, feats[i : i + 1])
+        fit_banks(net, table.without(held), nc, seed)
+        with torch.inference_mode():
+            for i in held:
+                powder[i], part[i] = net.raw_maps(feats[i : i + 1])
     powder = torch.cat(powder)
     part = None if net.part_scorer is None else torch.cat(part)
     if part is not None:
@@ -351,11 +375,6 @@ def out_of_fold_scores(
     with torch.inference_mode():
         dmap = net.post_process(net.combine(powder, part, _part_input(cells)))
         return net.layer_distance(dmap).numpy()
-
-
-def _raw_maps(net: NormalNet, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    with torch.inference_mode():
-        return net.raw_maps(feats)
 
 
 def _part_input(cells: torch.Tensor) -> torch.Tensor:
@@ -397,7 +416,7 @@ def calibrate(net: NormalNet, oof: np.ndarray, target_frr: float) -> dict:
     record = {
         "method": f"out-of-fold order statistic ({n_allowed} of {len(oof)} good layers above)",
         "target_frr": float(target_frr),
-        **frr_of_order_statistic(len(oof), n_allowed),
+        **order_statistic_frr(len(oof), n_allowed),
         "distance_threshold": threshold,
         "temperature": temperature,
     }

@@ -4,7 +4,11 @@ Two scorers of a patch feature f (both plain torch, both export to ONNX as matmu
 
 * ``patchcore``: distance to the nearest patch in a memory bank of good patches, the bank a
   greedy k-centre coreset of all good patches (PatchCore, Roth et al. 2022); the search runs
-  over the bank in chunks, so memory stays bounded at any bank size and layer size;
+  over the bank in chunks, so memory stays bounded at any bank size and layer size. By
+  default features are whitened first (``Whiten``: the good patches' shrunk covariance), so
+  the search measures Mahalanobis-like distances: powder texture varies a lot along a few
+  feature directions, and a faint defect moves a patch along the quiet ones, which plain
+  Euclidean distances drown in the texture's variation;
 * ``gaussian``: Mahalanobis distance to one Gaussian of all good patches, with a shrunk
   covariance (PaDiM-like, but position-independent: ~20 layers cannot fit a covariance per
   position).
@@ -66,6 +70,23 @@ class MemoryBank(nn.Module):
         return nearest.sqrt().reshape(n, 1, h, w)
 
 
+class Whiten(nn.Module):
+    """(N, C, h, w) features -> (N, C, h, w) in the good patches' whitened coordinates."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("whiten", torch.eye(channels))
+
+    def set_stats(self, mean: torch.Tensor, whiten: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.whiten.copy_(whiten)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        f = feats.permute(0, 2, 3, 1) - self.mean  # (N, h, w, C)
+        return (f @ self.whiten).permute(0, 3, 1, 2)
+
+
 class Gaussian(nn.Module):
     """Mahalanobis distance to one Gaussian: || W (f - mean) || with W W^T the precision."""
 
@@ -116,6 +137,7 @@ class NormalNet(nn.Module):
         smooth_cells: float = 0.0,
         roi: np.ndarray | None = None,
         part_scorer: nn.Module | None = None,
+        whiten: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if layer_score not in LAYER_SCORES:
@@ -135,9 +157,12 @@ class NormalNet(nn.Module):
         # scale that puts a part cell's distance to it in the units of powder distances
         self.part_scorer = part_scorer
         self.register_buffer("part_scale", torch.tensor(1.0))
+        self.whiten = whiten  # None: the scorers see the features as they are
 
     def raw_maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patch distances to the powder memory and to the part memory (None without one)."""
+        if self.whiten is not None:
+            feats = self.whiten(feats)
         part = None if self.part_scorer is None else self.part_scorer(feats)
         return self.scorer(feats), part
 
@@ -222,11 +247,13 @@ def build_normal_net(
     smooth_px: float = 0.0,
     roi: list | None = None,
     part_bank_size: int = 0,
+    whiten: bool = False,
 ) -> NormalNet:
     """The network a normal-only checkpoint's ``model`` node describes (weights loaded after).
 
     ``roi``: the plate polygon in fractions of the layer ([[x, y], ...]), None for all of it.
     ``part_bank_size`` > 0: part patches get a memory of their own (fitted with part masks).
+    ``whiten``: the memory banks compare whitened features (False in models fitted before it).
     """
     if num_classes != 2:
         raise InspectError(f"a normal-only model has 2 classes (normal, defect), not {num_classes}")
@@ -234,4 +261,7 @@ def build_normal_net(
     scorer = make_scorer(method, features.out_channels, bank_size - part_bank_size)
     mask = None if roi is None else roi_on_grid(roi, features.grid(pre.height, pre.width))
     parts = MemoryBank(part_bank_size, features.out_channels) if part_bank_size > 0 else None
-    return NormalNet(features, scorer, layer_score, topk, smooth_px / grid_stride, mask, parts)
+    white = Whiten(features.out_channels) if whiten and method == "patchcore" else None
+    return NormalNet(
+        features, scorer, layer_score, topk, smooth_px / grid_stride, mask, parts, white
+    )

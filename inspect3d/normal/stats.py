@@ -47,36 +47,6 @@ def shrunk_gaussian(patches: torch.Tensor, shrinkage: float) -> tuple[torch.Tens
     return mean.float(), whiten.float()
 
 
-def binom_tail(n: int, k: int, p: float) -> float:
-    """P(Binomial(n, p) >= k)."""
-    return float(sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1)))
-
-
-def beta_ppf(q: float, a: int, b: int) -> float:
-    """Quantile of Beta(a, b) for integer a, b >= 1 (bisection on its binomial-sum CDF)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if binom_tail(a + b - 1, a, mid) < q:  # CDF of Beta(a, b) at mid
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def frr_of_order_statistic(n: int, n_allowed: int) -> dict:
-    """False-reject rate of a threshold just above the (n_allowed+1)-th largest of ``n``
-    exchangeable good-layer scores: Beta(k, n + 1 - k) with k = n_allowed + 1, whatever the
-    score distribution. Its mean is k / (n + 1); the interval is its 2.5 and 97.5 % quantiles.
-    """
-    k = n_allowed + 1
-    return {
-        "expected_frr": k / (n + 1),
-        "frr_ci95": [beta_ppf(0.025, k, n + 1 - k), beta_ppf(0.975, k, n + 1 - k)],
-        "n_calibration": n,
-    }
-
-
 def layer_order_threshold(scores: np.ndarray, target_frr: float) -> tuple[float, int]:
     """Threshold and how many calibration scores lie at or above it (at most target_frr * n)."""
     s = np.sort(np.asarray(scores, dtype=float))
