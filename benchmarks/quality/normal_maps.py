@@ -18,6 +18,7 @@ Results: docs/quality/normal_maps.json and the ``normal_maps`` section of docs/q
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -48,7 +49,7 @@ def fit(root: Path, run: Path, *extra: str) -> tuple[torch.nn.Module, Preprocess
     shutil.rmtree(run, ignore_errors=True)
     overrides = ["data=folder", f"data.root={root}", "data.normal_class=ok", *extra]
     if (root / "_parts").is_dir():
-        overrides.append("normal.use_parts=true")  # the cases with part masks use them
+        overrides.append("normal.use_parts=true")  # the cases given part masks use them
     start = time.perf_counter()
     fit_normal(compose("fit_normal", overrides), run)
     seconds = time.perf_counter() - start
@@ -78,6 +79,13 @@ def cells_of(net, pre: Preprocess, masks: list[Path | None]) -> torch.Tensor:
     return torch.from_numpy(cells_from_masks(masks, net.features.grid(*pre.size)))
 
 
+def plain(result: dict) -> dict:
+    """``result`` with paths and numpy numbers as JSON writes them (strings, floats)."""
+    return json.loads(
+        json.dumps(result, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    )
+
+
 def rate(k: int, n: int) -> dict:
     return {"k": int(k), "n": int(n), "rate": k / n if n else None, "ci95": wilson_interval(k, n)}
 
@@ -101,7 +109,7 @@ def manifest_rows(root: Path) -> list[list[str]]:
     return [line.split(",") for line in (root / "manifest.csv").read_text().splitlines()[1:]]
 
 
-def synthetic(size: int, work: Path) -> dict:
+def synthetic(size: int, work: Path, parts: bool) -> dict:
     fit_src, test_src = work / "synth_fit", work / "synth_test"
     common_settings = {"layers_per_job": 8, "size": size, "overwrite": True}
     fit_cfg = SynthConfig(seed=5, n_jobs=8, defect_fraction=0.2, **common_settings)
@@ -109,26 +117,28 @@ def synthetic(size: int, work: Path) -> dict:
     test_cfg = SynthConfig(seed=6, n_jobs=12, defect_fraction=0.8, **common_settings)
     generate(test_src, test_cfg, progress=False)
     good = [r for r in manifest_rows(fit_src) if r[1] == "ok" and r[4] == PRINTER]
-    layers = [(fit_src / r[0], Path(r[0]).name, fit_src / "_parts" / Path(r[0]).name)
+    layers = [(fit_src / r[0], Path(r[0]).name,
+               fit_src / "_parts" / Path(r[0]).name if parts else None)
               for r in good[:FIT_LAYERS]]  # fmt: skip
     net, pre, fitted, seconds = fit(link_layers(work / "synth_fit_ok", layers), work / "run_s")
     tests = [r for r in manifest_rows(test_src) if r[4] == PRINTER]
     items = [Item(path=test_src / r[0], label=r[1]) for r in tests]
-    parts = [test_src / "_parts" / it.path.name for it in items]
-    scores, maps = score(net, pre, [it.path for it in items], parts)
+    test_parts = [test_src / "_parts" / it.path.name for it in items]
+    scores, maps = score(net, pre, [it.path for it in items], test_parts)
     labels = np.array([it.label for it in items])
     loc = mask_metrics(items, maps, test_src / "_masks", 1.0)
     over = scores >= 1.0
     per_class = {c: rate(over[labels == c].sum(), (labels == c).sum()) for c in set(labels)}
-    return {
-        "size": size, "fit_layers": len(layers), "fit_seconds": round(seconds, 1),
+    return plain({
+        "size": size, "part_masks": parts, "fit_layers": len(layers),
+        "fit_seconds": round(seconds, 1),
         "fit_peak_rss_mb": fitted.get("peak_rss_mb"), "roi": fitted.get("roi"),
         "pixel_auroc": loc["pixel_auroc"], "aupro_30": loc["aupro_30"],
         "peak_on_defect": loc["peak_on_defect"], "cell_auroc": loc["cell_auroc"],
         "good_over_threshold": rate(over[labels == "ok"].sum(), (labels == "ok").sum()),
         "defect_over_threshold": rate(over[labels != "ok"].sum(), (labels != "ok").sum()),
         "per_class_over_threshold": per_class,
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 # --- eos_parts ---------------------------------------------------------------------------
@@ -197,36 +207,53 @@ def fmt_rate(r: dict) -> str:
 
 
 SETTINGS = (
-    "Shipped fit-normal defaults (native resolution, ROI auto, stride 8, smoothing, bank 2048, "
-    "mirrored layers, calibration folds of whole jobs), plus normal.use_parts=true in the cases "
-    "with part masks (the synthetic printer and the eos rows marked yes)."
+    "Shipped fit-normal defaults (native resolution, ROI auto, stride 8, smoothing, whitened "
+    "bank of 2048, mirrored and 4 rotated views, calibration folds of whole jobs), plus "
+    "normal.use_parts=true in the cases given part masks (columns and rows marked so)."
 )
+
+
+def _peak(s: dict) -> str:
+    p = s["peak_on_defect"]
+    return fmt_rate({"k": p["hits"], "n": p["n"], "rate": p["rate"], "ci95": p["ci95"]})
+
+
+def synthetic_table(cases: list[dict]) -> list[str]:
+    s = cases[0]
+    head = " | ".join("with part masks" if c["part_masks"] else "defaults" for c in cases)
+    rows = [
+        ("pixel AUROC (image resolution)", lambda c: common.fmt(c["pixel_auroc"])),
+        ("AUPRO (FPR ≤ 30%)", lambda c: common.fmt(c["aupro_30"])),
+        ("map maximum within 16 px of a defect", _peak),
+        ("good layers over the threshold", lambda c: fmt_rate(c["good_over_threshold"])),
+        ("defect layers over the threshold", lambda c: fmt_rate(c["defect_over_threshold"])),
+        ("fit seconds / peak MB", lambda c: f"{c['fit_seconds']} / {c['fit_peak_rss_mb']}"),
+    ]
+    lines = [
+        f"**Synthetic printer {PRINTER}**, {s['size']} px: fitted on {s['fit_layers']} good "
+        "layers of seed-5 jobs, tested on seed-6 jobs (other part shapes and places).", "",
+        f"| figure | {head} |", "|---" * (len(cases) + 1) + "|",
+    ]  # fmt: skip
+    lines += [f"| {name} | " + " | ".join(f(c) for c in cases) + " |" for name, f in rows]
+    for c in cases:
+        tag = "with part masks" if c["part_masks"] else "defaults"
+        per = ", ".join(
+            f"{k} {fmt_rate(r)}" for k, r in sorted(c["per_class_over_threshold"].items())
+        )
+        lines += ["", f"Defect layers over the threshold per class ({tag}): {per}"]
+    return lines + [""]
 
 
 def report(results: dict) -> str:
     m = results["machine"]
     command = "`python benchmarks/quality/normal_maps.py`"
     lines = [f"Machine: {common.machine_line(m)}. Command: {command}. {SETTINGS}", ""]
-    s = results.get("synthetic")
-    if s:
-        p = s["peak_on_defect"]
-        peak = fmt_rate({"k": p["hits"], "n": p["n"], "rate": p["rate"], "ci95": p["ci95"]})
-        lines += [
-            f"**Synthetic printer {PRINTER}**, {s['size']} px: fitted on {s['fit_layers']} good "
-            f"layers of seed-5 jobs ({s['fit_seconds']} s, peak {s['fit_peak_rss_mb']} MB), tested "
-            "on seed-6 jobs (other part shapes and places).", "",
-            "| figure | value |", "|---|---|",
-            f"| pixel AUROC (image resolution) | {common.fmt(s['pixel_auroc'])} |",
-            f"| AUPRO (FPR ≤ 30%) | {common.fmt(s['aupro_30'])} |",
-            f"| map maximum within 16 px of a defect | {peak} |",
-            f"| good layers over the threshold | {fmt_rate(s['good_over_threshold'])} |",
-            f"| defect layers over the threshold | {fmt_rate(s['defect_over_threshold'])} |",
-            "",
-            "Defect layers over the threshold, per class: " + ", ".join(
-                f"{c} {fmt_rate(r)}" for c, r in sorted(s["per_class_over_threshold"].items())),
-            "",
-        ]  # fmt: skip
+    cases = results.get("synthetic") or {}
+    if cases:
+        lines += synthetic_table(list(cases.values()))
     if results.get("eos"):
+        if results.get("eos_note"):
+            lines += [results["eos_note"], ""]
         lines += ["**eos_parts** (no defects: every layer over the threshold is a false alarm):",
                   "", "| fitted on | part masks | new jobs over threshold | per new job |",
                   "|---|---|---|---|"]  # fmt: skip
@@ -250,10 +277,14 @@ def main() -> None:
     results = common.load_results(NAME) or {}
     results["machine"] = common.print_machine()
     if args.only in (None, "synth"):
-        results["synthetic"] = synthetic(args.size, work)
+        results["synthetic"] = {
+            name: synthetic(args.size, work, parts)
+            for name, parts in (("defaults", False), ("part_masks", True))
+        }
         print(results["synthetic"])
     if args.only in (None, "eos", "eos-masks"):
         results["eos"] = eos(work, results.get("eos", []), args.only == "eos-masks")
+        results.pop("eos_note", None)  # the rows are now of this run
     common.save_results(NAME, results)
     common.update_section(NAME, report(results))
     print(report(results))
