@@ -153,16 +153,32 @@ def watch_command(model: Path, inbox: Path, state: Path, ran: Path, threshold: f
 
 def run_watcher(cmd: list, kill_after: float | None) -> tuple[int, int, str]:
     """(exit status, peak RSS in KiB of this watcher process, stderr tail): killed with -9
-    after ``kill_after`` seconds, or run to its end (``until_idle``)."""
+    after ``kill_after`` seconds, or run to its end (``until_idle``). The peak is the watcher's
+    own high-water mark (``VmHWM`` of its memory after exec, read while it runs): ``wait4``'s
+    ``ru_maxrss`` would also count the forked copy of this (possibly large) parent process."""
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        if kill_after is not None:
-            time.sleep(kill_after)
-            proc.send_signal(signal.SIGKILL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak, start = 0, time.monotonic()
+        while proc.poll() is None:
+            peak = max(peak, high_water_kib(proc.pid))
+            if kill_after is not None and time.monotonic() - start >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                break
+            time.sleep(0.02)
         err.seek(0)
-        return proc.returncode, usage.ru_maxrss, err.read().decode(errors="replace")[-2000:]
+        return proc.returncode, peak, err.read().decode(errors="replace")[-2000:]
+
+
+def high_water_kib(pid: int) -> int:
+    """Peak resident memory (KiB) of process ``pid`` so far; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def median_peak(model: Path, data: Path) -> float:
