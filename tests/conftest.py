@@ -82,3 +82,24 @@ def pytest_sessionfinish(session, exitstatus):
     from isolate import shutdown
 
     shutdown()
+
+
+@pytest.fixture
+def watcher(tmp_path, exported):
+    """``watcher(**settings)`` starts a Watcher on ``exported`` in ``tmp_path``; all are closed
+    at the end of the test."""
+    from test_watch import make_cfg
+
+    from inspect3d.watch.service import Watcher
+
+    made = []
+
+    def start(**kw):
+        w = Watcher(make_cfg(tmp_path, exported, **kw)).start()
+        made.append(w)
+        return w
+
+    yield start
+    for w in made:
+        if w._locks:
+            w.close()

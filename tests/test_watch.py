@@ -75,21 +75,6 @@ def layer_row(cfg: WatchConfig, name: str) -> sqlite3.Row:
     return rows[0]
 
 
-@pytest.fixture
-def watcher(tmp_path, exported):
-    made = []
-
-    def start(**kw) -> Watcher:
-        w = Watcher(make_cfg(tmp_path, exported, **kw)).start()
-        made.append(w)
-        return w
-
-    yield start
-    for w in made:
-        if w._locks:
-            w.close()
-
-
 # --- the main flow ----------------------------------------------------------------------------
 def test_layers_are_scored_jobs_decided_and_ended_with_evidence(watcher, synth_dir):
     w = watcher()

@@ -40,21 +40,6 @@ from inspect3d.watch.status import summary
 from inspect3d.watch.store import Store
 
 
-@pytest.fixture
-def watcher(tmp_path, exported):
-    made = []
-
-    def start(**kw) -> Watcher:
-        w = Watcher(make_cfg(tmp_path, exported, **kw)).start()
-        made.append(w)
-        return w
-
-    yield start
-    for w in made:
-        if w._locks:
-            w.close()
-
-
 def put_raw(cfg: WatchConfig, rel: bytes, data: bytes) -> Path:
     """A file whose path below the inbox is any bytes (not necessarily UTF-8)."""
     path = os.fsencode(cfg.inbox) + b"/" + rel

@@ -87,23 +87,12 @@ class Whiten(nn.Module):
         return (f @ self.whiten).permute(0, 3, 1, 2)
 
 
-class Gaussian(nn.Module):
+class Gaussian(Whiten):
     """Mahalanobis distance to one Gaussian: || W (f - mean) || with W W^T the precision."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("whiten", torch.eye(channels))
-
-    def set_stats(self, mean: torch.Tensor, whiten: torch.Tensor) -> None:
-        self.mean.copy_(mean)
-        self.whiten.copy_(whiten)
-
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = feats.shape
-        f = feats.flatten(2).transpose(1, 2) - self.mean  # (N, hw, C)
-        z = f @ self.whiten
-        return (z * z).sum(2).sqrt().reshape(n, 1, h, w)
+        z = super().forward(feats)  # (N, C, h, w) whitened
+        return (z * z).sum(1, keepdim=True).sqrt()
 
 
 def make_scorer(kind: str, channels: int, bank_size: int) -> nn.Module:
