@@ -1,4 +1,5 @@
-"""``inspect3d predict MODEL.onnx PATH... [--jsonl]``: score layer images with onnxruntime."""
+"""``inspect3d predict MODEL.onnx PATH... [--jsonl]``: score layer images with onnxruntime or
+OpenVINO; stderr says which runtime scored (and, for OpenVINO, its parity with onnxruntime)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
         "--provider",
         default="auto",
         choices=PROVIDER_CHOICES,
-        help="onnxruntime provider (auto: TensorRT/CUDA when present, else CPU)",
+        help="runtime/provider (auto: TensorRT/CUDA when present, else OpenVINO on x86 when "
+        "installed, else onnxruntime's CPU provider; openvino needs inspect3d[openvino])",
     )
     p.add_argument(
         "--threshold",
@@ -118,9 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             failures += _report_error(path, str(result), args)
         else:
             _emit(result, path, args)
+    _report_runtime(model)
     if failures:
         print(f"{failures} of {len(paths)} layer(s) could not be scored", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _report_runtime(model: OnnxModel) -> None:
+    parity = getattr(model.session, "parity", None)  # OpenVINO's check of its first batch
+    print(f"scored with {model.runtime}" + (f"; {parity}" if parity else ""), file=sys.stderr)
 
 
 def _emit(score: LayerScore, path: Path, args: argparse.Namespace) -> None:

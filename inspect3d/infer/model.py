@@ -1,8 +1,10 @@
-"""``OnnxModel``: an exported model with its metadata, scoring layers with onnxruntime."""
+"""``OnnxModel``: an exported model with its metadata, scoring layers with onnxruntime or
+OpenVINO (see ``providers.choose_runtime``)."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +17,15 @@ import onnxruntime as ort
 from inspect3d.data.parts import cells_from_masks
 from inspect3d.errors import InspectError
 from inspect3d.infer.metadata import INPUT_NAME, PARTS_INPUT, ModelMeta
-from inspect3d.infer.providers import GPU_PROVIDERS, check_active, resolve_providers
+from inspect3d.infer.providers import (
+    GPU_PROVIDERS,
+    OPENVINO,
+    check_active,
+    choose_runtime,
+    resolve_providers,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +100,20 @@ def session_options(threads: int = 0, spinning: bool = True) -> ort.SessionOptio
     return opts
 
 
+def open_session(path: Path, provider: str, threads: int = 0, spinning: bool = True):
+    """An onnxruntime session, or for OpenVINO one that behaves like it (``OpenVinoSession``:
+    its first real batch is checked against onnxruntime's CPU provider)."""
+    if choose_runtime(provider) == OPENVINO:
+        from inspect3d.infer.openvino import OpenVinoSession  # the optional extra
+
+        return OpenVinoSession(str(path), threads, lambda: open_session(path, "cpu", threads))
+    opts = session_options(threads, spinning)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
+    except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+        raise InspectError(f"onnxruntime cannot load {str(path)!r}: {exc}") from exc
+
+
 class OnnxModel:
     """Load once, then ``predict`` layers (arrays or paths) in batches."""
 
@@ -117,17 +141,20 @@ class OnnxModel:
         path = Path(path)
         if not path.is_file():
             raise InspectError(f"model file not found: {str(path)!r} (made by `inspect3d export`)")
-        opts = session_options(threads, spinning)
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
-        except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
-            raise InspectError(f"onnxruntime cannot load {str(path)!r}: {exc}") from exc
+        session = open_session(path, provider, threads, spinning)
         check_active(session, provider)
         props = session.get_modelmeta().custom_metadata_map
         model = cls(session, ModelMeta.from_props(props, repr(str(path))), str(path))
         if threshold is not None:
             model.threshold = float(threshold)
+        log.info("%s scores with %s", path.name, model.runtime)
         return model
+
+    @property
+    def runtime(self) -> str:
+        """Which runtime and provider score, e.g. "onnxruntime CPUExecutionProvider"."""
+        first = self.providers[0]
+        return first if first.startswith("OpenVINO") else f"onnxruntime {first}"
 
     @property
     def map_threshold(self) -> float:

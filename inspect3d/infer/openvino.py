@@ -1,0 +1,137 @@
+"""OpenVINO behind the few onnxruntime session calls ``OnnxModel`` makes, on the same .onnx file.
+
+OpenVINO reads ONNX directly (``Core.read_model``), metadata included, so an exported model needs
+no conversion step. The package is imported here only, and only when OpenVINO was chosen (see
+``providers.choose_runtime``): a scoring PC without the extra never loads it.
+
+Parity: the first real batch a session scores is scored by onnxruntime's CPU provider too; the
+largest difference and the tolerance are logged, and past the tolerance every call raises (no
+layer gets a score the exported model would not give). The reference session is then dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from inspect3d.errors import InspectError
+
+log = logging.getLogger(__name__)
+
+# |OpenVINO - onnxruntime| <= ATOL + RTOL * |onnxruntime|, for probabilities and maps alike (the
+# normal-only maps are in units of the threshold, unbounded above: hence the relative part)
+ATOL, RTOL = 1e-4, 1e-3
+
+
+@dataclass(frozen=True)
+class _Port:
+    name: str
+    shape: list
+
+
+@dataclass(frozen=True)
+class _Meta:
+    custom_metadata_map: dict[str, str]
+
+
+@dataclass
+class Parity:
+    """The check of the first real batch against onnxruntime."""
+
+    layers: int
+    max_abs: float  # largest |OpenVINO - onnxruntime| over all outputs
+    worst_ratio: float  # largest |diff| / (ATOL + RTOL * |ref|): <= 1 passes
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_ratio <= 1.0
+
+    def __str__(self) -> str:
+        verdict = "within" if self.ok else "OUTSIDE"
+        return (
+            f"OpenVINO vs onnxruntime on the first {self.layers} real layer(s): max |diff| "
+            f"{self.max_abs:.2e}, {verdict} the tolerance {ATOL:g} + {RTOL:g} x |value|"
+        )
+
+
+class OpenVinoSession:
+    """A compiled OpenVINO model answering ``run``, ``get_inputs``, ``get_outputs``,
+    ``get_providers`` and ``get_modelmeta`` like an ``onnxruntime.InferenceSession``."""
+
+    def __init__(self, path: str, threads: int = 0, reference: Callable | None = None) -> None:
+        import openvino as ov  # the extra: imported only when OpenVINO scores
+
+        core = ov.Core()
+        try:
+            model = core.read_model(path)
+        except Exception as exc:  # OpenVINO's own error types
+            raise InspectError(f"OpenVINO cannot read {path!r}: {exc}") from exc
+        self._meta = _Meta(_metadata(model))
+        self._inputs = [_Port(p.get_any_name(), _shape(p)) for p in model.inputs]
+        self._outputs = [_Port(p.get_any_name(), _shape(p)) for p in model.outputs]
+        # one stream at low latency: the watcher and predict send one batch at a time
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled = core.compile_model(model, "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()  # an infer request serves one call at a time
+        self.version = ov.__version__.split("-")[0]
+        self._reference = reference
+        self.parity: Parity | None = None
+
+    def get_inputs(self) -> list[_Port]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Port]:
+        return self._outputs
+
+    def get_providers(self) -> list[str]:
+        return [f"OpenVINO {self.version} CPU"]
+
+    def get_modelmeta(self) -> _Meta:
+        return self._meta
+
+    def run(self, _names: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.parity is not None and not self.parity.ok:
+            raise InspectError(f"{self.parity}: not scoring with it; use provider=cpu")
+        with self._lock:
+            result = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            outputs = [np.array(result[port]) for port in self._compiled.outputs]
+        if self._reference is not None:
+            self._check(feeds, outputs)
+        return outputs
+
+    def _check(self, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
+        reference, self._reference = self._reference(), None
+        expected = reference.run(None, feeds)
+        self.parity = compare_outputs(outputs, expected, len(next(iter(feeds.values()))))
+        if not self.parity.ok:
+            log.error("%s", self.parity)
+            raise InspectError(f"{self.parity}: not scoring with it; use provider=cpu")
+        log.info("%s", self.parity)
+
+
+def compare_outputs(got: list[np.ndarray], expected: list[np.ndarray], layers: int) -> Parity:
+    """How far ``got`` is from ``expected`` (lists of outputs), against ATOL/RTOL."""
+    max_abs = worst = 0.0
+    for a, b in zip(got, expected, strict=True):
+        diff = np.abs(a.astype(np.float64) - b)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        worst = max(worst, float((diff / (ATOL + RTOL * np.abs(b))).max(initial=0.0)))
+    return Parity(layers, max_abs, worst)
+
+
+def _metadata(model) -> dict[str, str]:
+    """The ONNX ``metadata_props``, which OpenVINO keeps in the model's "framework" rt_info."""
+    info = model.get_rt_info()  # an RTMap: indexable, but without ``get``
+    framework = info["framework"] if "framework" in info else {}  # noqa: SIM401
+    return {k: v.astype(str) for k, v in framework.items()}
+
+
+def _shape(port) -> list:
+    return [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
