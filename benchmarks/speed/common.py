@@ -6,6 +6,7 @@ as ratios of medians; the machine (and its load) is printed with every result.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -18,27 +19,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from inspect3d.infer.cpu import cpu_name, cpu_summary
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "speed.md"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def cpu_features() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "?"
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni"
+    return cpu_summary()
 
 
 def machine_line() -> str:
@@ -85,6 +77,16 @@ def write_section(name: str, text: str, doc: Path = DOC) -> None:
         pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old.rstrip()}\n\n{block}\n"
     )
     doc.write_text(new)
+
+
+def publish(name: str, text: str, results: dict, doc: bool = True) -> None:
+    """Print ``text``, keep ``results`` in results/<name>.json and, with ``doc``, write ``text``
+    as the ``name`` section of docs/speed.md."""
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
+    if doc:
+        write_section(name, text)
 
 
 def conv_flops(path: str | Path, batch: int = 1) -> tuple[float, float]:

@@ -13,13 +13,11 @@ Goals: int8 >= 2.5x faster, <= 1 point accuracy loss.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, cpu_features, interleaved, machine_line, med, op_profile
-from common import write_section as write_doc
+from common import cpu_features, interleaved, machine_line, med, op_profile, publish
 
 from inspect3d.config import compose
 from inspect3d.data.manifest import scan_folder
@@ -131,12 +129,7 @@ def main() -> None:
         run, holdout = trained_run(Path(tmp), args.epochs, args.size)
         res["accuracy"] = accuracy(run, holdout)
         res["speed"] = speed(run, args.repeats)
-    text = report(res, args)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "int8.json").write_text(json.dumps(res, indent=1))
-    if not args.no_doc:
-        write_doc("int8", text)
+    publish("int8", report(res, args), res, doc=not args.no_doc)
 
 
 if __name__ == "__main__":

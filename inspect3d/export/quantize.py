@@ -1,12 +1,19 @@
 """int8 static QDQ quantisation (uint8 activations, int8 per-channel weights), with a check.
 
-CNNs are quantised statically: activation ranges are calibrated on real training layers.
+CNNs are quantised statically: activation ranges are calibrated on real training layers. The
+same QDQ file is int8 for both runtimes: onnxruntime runs its QDQ kernels, OpenVINO folds the
+Q/DQ pairs into its own int8 convolutions. Each installed runtime's int8 is then timed against
+fp32 here, at ``BATCHES``, and the speed-ups go into the int8 model's metadata, from which the
+loader decides where int8 scores (``inspect3d.infer.int8``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +27,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from inspect3d.infer.cpu import cpu_name, cpu_summary, int8_class
+from inspect3d.infer.int8 import BATCHES, int8_verdict
 from inspect3d.infer.metadata import INPUT_NAME
+from inspect3d.infer.model import open_session
+from inspect3d.infer.providers import openvino_installed
 from inspect3d.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -50,15 +61,18 @@ def quantize_int8(fp32: Path, calib: np.ndarray, layers: np.ndarray, labels: np.
             weight_type=QuantType.QInt8,
             per_channel=True,
         )
-        _copy_metadata(fp32, tmp)
         compare(fp32, tmp, layers, labels)
+        speed = measure_int8_speed(fp32, tmp, layers)
+        _copy_metadata(fp32, tmp, speed)
+        print(speed_report(speed))
     return out
 
 
-def _copy_metadata(src: Path, dst: Path) -> None:
+def _copy_metadata(src: Path, dst: Path, speed: dict) -> None:
     model = onnx.load(str(dst))
     props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
     props["quantization"] = "int8-qdq-static"
+    props["int8_speed"] = json.dumps(speed)
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
@@ -87,3 +101,41 @@ def compare(fp32: Path, int8: Path, layers: np.ndarray, labels: np.ndarray) -> d
         f"{float(np.abs(p32 - p8).max()):.3f}"
     )
     return {**acc, "agreement": agree}
+
+
+def measure_int8_speed(fp32: Path, int8: Path, layers: np.ndarray, repeats: int = 7) -> dict:
+    """``int8_speed`` (see ``inspect3d.infer.int8``): fp32 / int8 time, medians of ``repeats``
+    interleaved calls, per installed CPU runtime and batch size in ``BATCHES``."""
+    runtimes = {"onnxruntime": "cpu", **({"openvino": "openvino"} if openvino_installed() else {})}
+    speedup = {}
+    for runtime, provider in runtimes.items():
+        pair = [open_session(p, provider, parity=False) for p in (fp32, int8)]
+        speedup[runtime] = {
+            str(b): round(_ratio(pair, np.resize(layers, (b, *layers.shape[1:])), repeats), 3)
+            for b in BATCHES
+        }
+    return {"cpu": cpu_name(), "flags": cpu_summary(), "int8_class": int8_class(),
+            "speedup": speedup}  # fmt: skip
+
+
+def _ratio(pair: list, batch: np.ndarray, repeats: int) -> float:
+    """Median fp32 time / median int8 time, calls interleaved so drifting load hits both."""
+    times: list[list[float]] = [[], []]
+    for i in range(repeats + 1):  # the first round warms up (allocations, lazy kernels)
+        for session, out in zip(pair, times, strict=True):
+            start = time.perf_counter()
+            session.run(None, {INPUT_NAME: batch})
+            if i:
+                out.append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def speed_report(speed: dict) -> str:
+    """What was measured, and where int8 will score on a CPU like this one."""
+    lines = [f"int8 speed-up over fp32 on {speed['cpu']} ({speed['flags']}):"]
+    for runtime, ratios in speed["speedup"].items():
+        pays, _ = int8_verdict(speed, runtime, speed["int8_class"])
+        shown = ", ".join(f"{r:.2f}x at batch {b}" for b, r in ratios.items())
+        verdict = "int8 scores" if pays else "fp32 scores (int8 slower at some batch size)"
+        lines.append(f"  {runtime}: {shown} -> on CPUs like this one {verdict}")
+    return "\n".join(lines)

@@ -34,6 +34,17 @@ def int8_class(flags: frozenset[str] | None = None) -> str:
     return "none"
 
 
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, e.g. "AMD EPYC 9B14" (the platform's word where cpuinfo lacks it)."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def is_x86() -> bool:
     return platform.machine().lower() in X86
 

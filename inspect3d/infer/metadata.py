@@ -17,7 +17,9 @@ INPUT_NAME = "layers"
 # second input of normal-only models fitted with part masks: part cells (N, 1, h, w), 1 = part
 PARTS_INPUT = "part_cells"
 OUTPUT_NAMES = ("probs", "defect_map")
-_JSON_KEYS = ("classes", "preprocess", "metrics", "input", "outputs", "calibration", "roi")
+_JSON_KEYS = (
+    "classes", "preprocess", "metrics", "input", "outputs", "calibration", "roi", "int8_speed",
+)  # fmt: skip
 MODES = ("supervised", "normal_only")
 
 
@@ -42,6 +44,8 @@ class ModelMeta:
     map_threshold: float | None = None
     # region of interest, a polygon in fractions of the layer ([[x, y], ...]); None = all
     roi: list | None = None
+    # int8 models: int8 / fp32 speed measured where they were made (see ``infer.int8``)
+    int8_speed: dict = field(default_factory=dict)
 
     @property
     def normal_index(self) -> int:
@@ -77,6 +81,8 @@ class ModelMeta:
                 "defect_map": ["batch", 1, "h/stride", "w/stride"],
             },
         }
+        if self.int8_speed:
+            props["int8_speed"] = self.int8_speed
         if self.map_threshold is not None:
             props["map_threshold"] = repr(float(self.map_threshold))
         return {k: json.dumps(v) if k in _JSON_KEYS else str(v) for k, v in props.items()}
@@ -105,6 +111,7 @@ class ModelMeta:
                 calibration=json.loads(props.get("calibration", "{}")),
                 map_threshold=_float_or_none(props.get("map_threshold")),
                 roi=json.loads(props.get("roi", "null")),
+                int8_speed=json.loads(props.get("int8_speed", "{}")),
             )
         except (KeyError, ValueError) as exc:
             raise InspectError(f"{source} has damaged inspect3d metadata: {exc!r}") from exc

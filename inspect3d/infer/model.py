@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from inspect3d.data.parts import cells_from_masks
 from inspect3d.errors import InspectError
+from inspect3d.infer.int8 import fp32_instead
 from inspect3d.infer.metadata import INPUT_NAME, PARTS_INPUT, ModelMeta
 from inspect3d.infer.providers import (
     GPU_PROVIDERS,
@@ -100,13 +101,16 @@ def session_options(threads: int = 0, spinning: bool = True) -> ort.SessionOptio
     return opts
 
 
-def open_session(path: Path, provider: str, threads: int = 0, spinning: bool = True):
+def open_session(
+    path: Path, provider: str, threads: int = 0, spinning: bool = True, parity: bool = True
+):
     """An onnxruntime session, or for OpenVINO one that behaves like it (``OpenVinoSession``:
-    its first real batch is checked against onnxruntime's CPU provider)."""
+    with ``parity``, its first real batch is checked against onnxruntime's CPU provider)."""
     if choose_runtime(provider) == OPENVINO:
         from inspect3d.infer.openvino import OpenVinoSession  # the optional extra
 
-        return OpenVinoSession(str(path), threads, lambda: open_session(path, "cpu", threads))
+        reference = (lambda: open_session(path, "cpu", threads)) if parity else None
+        return OpenVinoSession(str(path), threads, reference)
     opts = session_options(threads, spinning)
     try:
         return ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
@@ -138,17 +142,25 @@ class OnnxModel:
         threads: int = 0,
         spinning: bool = True,
     ) -> OnnxModel:
-        path = Path(path)
+        """The model at ``path`` on ``provider`` (see ``providers``); an int8 model only where it
+        pays, else the fp32 model beside it (see ``infer.int8``): ``path`` says which scores."""
+        model = cls._open(Path(path), provider, threads, spinning)
+        if not model.io_binding:  # a CPU: int8 only where it was measured to pay
+            fp32 = fp32_instead(model.meta, Path(path), choose_runtime(provider))
+            model = model if fp32 is None else cls._open(fp32, provider, threads, spinning)
+        if threshold is not None:
+            model.threshold = float(threshold)
+        log.info("%s scores with %s", Path(model.path).name, model.runtime)
+        return model
+
+    @classmethod
+    def _open(cls, path: Path, provider: str, threads: int, spinning: bool) -> OnnxModel:
         if not path.is_file():
             raise InspectError(f"model file not found: {str(path)!r} (made by `inspect3d export`)")
         session = open_session(path, provider, threads, spinning)
         check_active(session, provider)
         props = session.get_modelmeta().custom_metadata_map
-        model = cls(session, ModelMeta.from_props(props, repr(str(path))), str(path))
-        if threshold is not None:
-            model.threshold = float(threshold)
-        log.info("%s scores with %s", path.name, model.runtime)
-        return model
+        return cls(session, ModelMeta.from_props(props, repr(str(path))), str(path))
 
     @property
     def runtime(self) -> str:

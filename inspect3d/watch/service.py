@@ -168,12 +168,14 @@ class Watcher:
         model = OnnxModel.load(  # no spinning: an idle watcher leaves the cores alone
             self.model_path, self.cfg.provider, self.cfg.policy.threshold, self.cfg.threads, False
         )
-        sha = file_sha256(self.model_path)  # after load: a missing file gets the clear error above
+        # after load: a missing file gets the clear error above; model.path: the file that
+        # scores (an int8 model gives way to its fp32 model where int8 does not pay)
+        sha = file_sha256(model.path)
         self.model, self.model_sha = model, sha
         if self.book is not None:
             self.book.model = self._stamp()
         self._try_meta(
-            model=str(self.model_path), model_sha=sha, model_name=model.meta.model_name,
+            model=model.path, model_sha=sha, model_name=model.meta.model_name,
             provider=model.providers[0], threshold=model.threshold,
             map_threshold=model.map_threshold, roi=model.meta.roi,
             policy=self.cfg.policy.version(),
@@ -181,7 +183,7 @@ class Watcher:
 
     def _stamp(self) -> ModelStamp:
         meta = self.model.meta
-        info = {"path": str(self.model_path), "sha256": self.model_sha,
+        info = {"path": self.model.path, "sha256": self.model_sha,
                 "name": meta.model_name, "config_hash": meta.config_hash}  # fmt: skip
         return ModelStamp(info, self.model.threshold, self.model.map_threshold, meta.roi)
 
