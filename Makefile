@@ -26,6 +26,7 @@ lint: $(STAMP)
 bench: $(STAMP)  # speed benchmarks (benchmarks/speed/), each rewrites its section of docs/speed.md
 	$(BIN)/python benchmarks/speed/infer_latency.py
 	$(BIN)/python benchmarks/speed/int8.py
+	$(BIN)/python benchmarks/speed/runtimes.py
 	$(BIN)/python benchmarks/speed/train_throughput.py
 	$(BIN)/python benchmarks/speed/normal_scoring.py
 

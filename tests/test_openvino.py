@@ -6,6 +6,7 @@ runs them.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from test_watch import db, drain, layer_images, put
@@ -80,17 +81,33 @@ def test_parity_outside_the_tolerance_refuses_to_score(exported, synth_dir):
             model.predict(layer)
 
 
-def test_watcher_scores_with_openvino_and_status_says_so(watcher, synth_dir):
+def test_watcher_scores_with_openvino_and_status_says_so(watcher, synth_dir, tmp_path):
     pytest.importorskip("openvino")
     w = watcher(provider="openvino")
     imgs = layer_images(synth_dir, 3)
+    big = tmp_path / "big.jpg"  # 4x the model size: decoded at 1/4 scale by libjpeg
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(imgs[0]), 0), None, fx=4, fy=4))
+    imgs.append(big)
     for i, src in enumerate(imgs):
-        put(w.cfg, "p1", "j", f"layer_{i:04d}.png", src)
+        put(w.cfg, "p1", "j", f"layer_{i:04d}{src.suffix}", src)
     drain(w)
     s = summary(w.state)
-    assert s["layers_scored"] == 3 and s["health"]["provider"].startswith("OpenVINO")
+    assert s["layers_scored"] == 4 and s["health"]["provider"].startswith("OpenVINO")
     assert w.model.session.parity.ok
     bare = OnnxModel.load(w.cfg.model, provider="cpu").predict_batch(imgs)
     rows = db(w.cfg).execute("SELECT score FROM layers ORDER BY layer").fetchall()
     np.testing.assert_allclose([r["score"] for r in rows], [b.defect_score for b in bare],
                                atol=1e-4)  # fmt: skip
+
+
+def test_predict_says_which_runtime_scored_and_its_parity(exported, synth_dir, capsys):
+    pytest.importorskip("openvino")
+    from inspect3d.infer.cli import main
+
+    paths = [str(p) for p in sorted(synth_dir.rglob("*.png"))[:3]]
+    assert main([str(exported), *paths, "--provider", "openvino", "--jsonl"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3
+    assert "scored with OpenVINO" in err and "within the tolerance" in err
+    assert main([str(exported), *paths, "--provider", "cpu"]) == 0
+    assert "scored with onnxruntime CPUExecutionProvider" in capsys.readouterr().err

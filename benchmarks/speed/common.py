@@ -6,6 +6,7 @@ as ratios of medians; the machine (and its load) is printed with every result.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -38,8 +39,15 @@ def machine_line() -> str:
     return (
         f"{cpu_model()} ({cpu_features()}), {os.cpu_count()} cores, load {load:.1f}; "
         f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}"
+        f"onnxruntime {ort.__version__}{_openvino_version()}"
     )
+
+
+def _openvino_version() -> str:
+    try:
+        return f", OpenVINO {importlib.metadata.version('openvino')}"
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

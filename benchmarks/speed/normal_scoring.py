@@ -12,7 +12,9 @@ One run, onnxruntime CPU (2 threads, batch 1), variants interleaved, medians:
   tiles over patches x bank rows that stay in cache, an fp16 matmul, and a PCA projection
   152 -> 64 for the search with the exact distance recomputed for the neighbour found.
   Each variant's nearest-neighbour distance is compared with the exact one on a held-out
-  layer (max relative error).
+  layer (max relative error);
+* where OpenVINO is installed (``inspect3d[openvino]``), every graph once more on OpenVINO
+  (same file, same 2 threads), in the same interleaved loop: its search against its backbone.
 
 Bank rows and the scored layer are features of synthetic powder-bed layers (speed does not
 depend on the values; the errors of the approximate variants do, a little).
@@ -41,6 +43,7 @@ import inspect3d.normal.patch as patch
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.export.onnx import _torch_export
 from inspect3d.infer.model import session_options
+from inspect3d.infer.providers import openvino_installed
 from inspect3d.models import ScoringNet
 
 HEIGHT, WIDTH = 1024, 1280
@@ -301,6 +304,8 @@ def main() -> None:
             s["err_max"], s["err_mean"] = float(rel.max()), float(rel.mean())
             runs[name] = runner(sess, q)
         del runs["backbone"]
+        if openvino_installed():  # the same graphs on OpenVINO, timed in the same loop
+            runs.update(openvino_runs(whole_paths, search, set(runs), x, q))
         print(f"timing {len(runs)} graphs x {args.repeats} ({time.perf_counter() - t0:.0f} s)")
         ms = interleave(runs, args.repeats)
         res["ort_ms"] = {k: med(v) for k, v in ms.items()}
@@ -324,6 +329,18 @@ def main() -> None:
     JSON.write_text(json.dumps(res, indent=1))
     if not args.no_doc:
         write_doc("normal_scoring", text)
+
+
+def openvino_runs(whole: dict, search: dict, ok: set, x: np.ndarray, q: np.ndarray) -> dict:
+    """``ov:<name>`` runners for the graphs onnxruntime could run (OpenVINO, ``THREADS``)."""
+    from inspect3d.infer.openvino import OpenVinoSession
+
+    graphs = {
+        **{k: (p, x) for k, p in whole.items()},
+        **{k: (s["path"], q) for k, s in search.items()},
+    }
+    return {f"ov:{k}": runner(OpenVinoSession(str(p), THREADS), inp)
+            for k, (p, inp) in graphs.items() if k in ok}  # fmt: skip
 
 
 def _flags() -> str:
@@ -363,13 +380,16 @@ def report(res: dict) -> str:
         "Whole exported scoring net (the code as it is: `BANK_CHUNK` 2048) vs the feature "
         "extractor alone (goal: whole ≤ 2× features):",
         "",
-        "| graph | onnxruntime ms | whole / features | torch eager ms |",
-        "|---|---|---|---|",
-        f"| features alone | {f:.0f} | 1.00 | {e['features']:.0f} |",
+        "| graph | onnxruntime ms | whole / features | torch eager ms | OpenVINO ms | "
+        "OpenVINO whole / features | onnxruntime / OpenVINO |",
+        "|---|---|---|---|---|---|---|",
+        f"| features alone | {f:.0f} | 1.00 | {e['features']:.0f} | {_ov(o, 'features')} |",
     ]
     for m in BANKS:
         k = f"whole_{m}"
-        lines.append(f"| whole, bank {m} | {o[k]:.0f} | **{o[k] / f:.2f}** | {e[k]:.0f} |")
+        lines.append(
+            f"| whole, bank {m} | {o[k]:.0f} | **{o[k] / f:.2f}** | {e[k]:.0f} | {_ov(o, k)} |"
+        )
     lines += [
         "",
         "Nearest-neighbour search alone (input: the feature map), variants, against the search "
@@ -377,8 +397,9 @@ def report(res: dict) -> str:
         "relative difference of the nearest-neighbour distance from the exact one, over all "
         "patches of a held-out layer:",
         "",
-        "| bank | search variant | ms | vs now | search / backbone | max rel. error |",
-        "|---|---|---|---|---|---|",
+        "| bank | search variant | ms | vs now | search / backbone | max rel. error | "
+        "OpenVINO ms | OpenVINO search / backbone | onnxruntime / OpenVINO |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in res["search"].items():
         kind, m = name.rsplit("_", 1)
@@ -388,7 +409,7 @@ def report(res: dict) -> str:
         base = o[f"chunk2048_{m}"]
         lines.append(
             f"| {m} | {LABELS[kind]} | {o[name]:.0f} | {base / o[name]:.2f}× faster | "
-            f"{o[name] / f:.2f} | {s['err_max']:.1e} |"
+            f"{o[name] / f:.2f} | {s['err_max']:.1e} | {_ov(o, name)} |"
         )
     ratio = {m: o[f"whole_{m}"] / f for m in BANKS}
     fits = [m for m in BANKS if ratio[m] <= 2.0]
@@ -403,6 +424,14 @@ def report(res: dict) -> str:
         "the exact one (error well above 1%).",
     ]
     return "\n".join(lines)
+
+
+def _ov(o: dict, name: str) -> str:
+    """OpenVINO columns: ms, its ratio to OpenVINO's features alone, onnxruntime / OpenVINO."""
+    ms, base = o.get(f"ov:{name}"), o.get("ov:features")
+    if ms is None or base is None:
+        return "— | — | —"
+    return f"{ms:.0f} | {ms / base:.2f} | {o[name] / ms:.2f}×"
 
 
 if __name__ == "__main__":

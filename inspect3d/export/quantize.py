@@ -103,7 +103,7 @@ def compare(fp32: Path, int8: Path, layers: np.ndarray, labels: np.ndarray) -> d
     return {**acc, "agreement": agree}
 
 
-def measure_int8_speed(fp32: Path, int8: Path, layers: np.ndarray, repeats: int = 7) -> dict:
+def measure_int8_speed(fp32: Path, int8: Path, layers: np.ndarray, repeats: int = 15) -> dict:
     """``int8_speed`` (see ``inspect3d.infer.int8``): fp32 / int8 time, medians of ``repeats``
     interleaved calls, per installed CPU runtime and batch size in ``BATCHES``."""
     runtimes = {"onnxruntime": "cpu", **({"openvino": "openvino"} if openvino_installed() else {})}
