@@ -34,10 +34,11 @@ commands (the flow: synth/fetch -> train -> eval -> export -> predict):
   calibrate model=MODEL.onnx good=DIR [out=NEW.onnx]   threshold set on a new camera's good layers
   simulate data=DIR inbox=INBOX printers=N rate=R   replay jobs into an inbox like printers do
   watch    model=MODEL.onnx inbox=INBOX state=STATE  score layers as they land, decide per job
-  status   state=STATE [--json] [--jobs]        the watcher's printers, jobs and health
+  status   state=STATE|db=URL [--json] [--jobs] the watcher's (or plant's) printers, health
   report   state=STATE out=DIR                  HTML shop summary + one page per job
   review   state=STATE [port=P]                 local review page for QA (127.0.0.1)
   dataset  from-reviews state=STATE out=FILE.csv   reviewed layers as a training manifest
+  db       upgrade|copy db=URL [state=STATE cell=NAME]   a plant's PostgreSQL history
 
 Run `inspect3d COMMAND --help` for the options of one command.
 """
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             from inspect3d.review import cli as review_cli
 
             return review_cli.main(command, args)
+        if command == "db":  # key=value (see watch/db.py)
+            from inspect3d.watch.db import main as db_main
+
+            return db_main(args)
         if command == "fetch":
             from inspect3d.data.fetch import main as fetch_main
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from isolate import isolated
+from pgcluster import pg_cluster, pg_url  # noqa: F401 (PostgreSQL fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"

@@ -194,7 +194,7 @@ def test_report_command_and_its_errors(state, tmp_path, capsys):
     assert "no watcher state in" in capsys.readouterr().err
     assert inspect3d_main(["report", f"state={state}", f"out={out}", "colour=red"]) == 2
     err = capsys.readouterr().err
-    assert "colour" in err and "valid keys: ['max_thumbs', 'out', 'state']" in err
+    assert "colour" in err and "valid keys: ['cell', 'db', 'max_thumbs', 'out', 'state']" in err
     assert inspect3d_main(["report", f"state={state}"]) == 2
     assert "out" in capsys.readouterr().err
 

@@ -13,9 +13,10 @@ from inspect3d.errors import InspectError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "review.yaml"
 USAGE = {
-    "report": "inspect3d report state=STATE out=DIR",
-    "review": "inspect3d review state=STATE [port=P host=H token=T reviewer=NAME]",
-    "dataset": "inspect3d dataset from-reviews state=STATE out=FILE.csv [normal_class=NAME]",
+    "report": "inspect3d report state=STATE|db=URL [cell=NAME] out=DIR",
+    "review": "inspect3d review state=STATE|db=URL [cell=NAME port=P host=H token=T reviewer=NAME]",
+    "dataset": "inspect3d dataset from-reviews state=STATE|db=URL [cell=NAME] out=FILE.csv "
+    "[normal_class=NAME]",
 }
 
 

@@ -61,10 +61,13 @@ def _path_text(path: Path, base: Path) -> str:
 
 
 def export_reviews(
-    state: str | Path, out: str | Path, normal_class: str | None = None
-) -> ExportSummary:
-    """Write the reviewed layers of ``state`` as a manifest CSV at ``out``."""
-    store = shop.open_store(state)
+    state: str | Path | None, out: str | Path, normal_class: str | None = None,
+    db: str | None = None, cell: str | None = None,
+) -> ExportSummary:  # fmt: skip
+    """Write the reviewed layers of ``state`` (or of the plant database ``db``, one ``cell`` or
+    all) as a manifest CSV at ``out``."""
+    src = shop.Source.of(state, db, cell)
+    store = shop.open_store(src)
     try:
         s = shop.load(store)
     finally:
@@ -88,7 +91,7 @@ def export_reviews(
                 labels[label] = labels.get(label, 0) + 1
     if not rows:
         raise InspectError(
-            f"no reviewed layers to export from {str(state)!r} ({unsure} unsure, {missing} "
+            f"no reviewed layers to export from {src.shown!r} ({unsure} unsure, {missing} "
             "with their image gone): review some first with `inspect3d review`"
         )
     _write(out, rows)

@@ -201,9 +201,14 @@ def write_job(env: Environment, job: shop.Job, out: Path, s: shop.Shop, limit: i
     return write_text_atomic(out / "jobs" / f"{name}.html", html)
 
 
-def build_report(state: str | Path, out: str | Path, max_thumbs: int = 24) -> Path:
-    """Write the report of the watcher state ``state`` into ``out``; returns ``out/index.html``."""
-    store = shop.open_store(state)
+def build_report(
+    state: str | Path | None, out: str | Path, max_thumbs: int = 24, db: str | None = None,
+    cell: str | None = None,
+) -> Path:  # fmt: skip
+    """Write the report of the watcher state ``state`` (or of the plant database ``db``, one
+    ``cell`` or all) into ``out``; returns ``out/index.html``."""
+    src = shop.Source.of(state, db, cell)
+    store = shop.open_store(src)
     try:
         s = shop.load(store)
     finally:
@@ -212,7 +217,8 @@ def build_report(state: str | Path, out: str | Path, max_thumbs: int = 24) -> Pa
     env = environment()
     pages = {j.id: write_job(env, j, out, s, max_thumbs).name for j in s.jobs}
     html = env.get_template("index.html").render(
-        shop=s, printers=printer_rows(s), pages=pages, generated=when(time.time()),
+        shop=s, source=src.shown, printers=printer_rows(s), pages=pages,
+        generated=when(time.time()),
         versions=sorted({(j.model.get("name"), j.model.get("sha256"), j.model.get("config_hash"),
                           j.policy) for j in s.jobs if j.model}, key=str),
         open_reviews=sum(j.open_reviews for j in s.jobs),

@@ -1,7 +1,8 @@
 """``inspect3d review``: a small local web page where QA marks flagged layers.
 
 Standard library only (``http.server``): one thread per connection, each request with its own
-connection to the store, so the watcher can keep writing while QA reviews (SQLite WAL). Bound
+connection to the store, so the watchers can keep writing while QA reviews (SQLite WAL, or
+PostgreSQL: one queue for the plant). Bound
 to 127.0.0.1 by default. Every POST carries the page's token and, from a browser, our own
 ``Origin`` (a web page elsewhere cannot post decisions for the reviewer); bound to another
 address, every request needs the token.
@@ -36,7 +37,7 @@ MAX_CONNECTIONS = 16
 TIMEOUT_S = 10.0
 RENDER_SLOTS = 2
 ACCEPT_WAIT_S = 0.5
-MAX_ID = 2**63 - 1  # SQLite's largest integer
+MAX_ID = 2**63 - 1  # the largest id of SQLite and PostgreSQL (BIGINT)
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -58,8 +59,10 @@ class ReviewServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, state: Path, host: str, port: int, token: str | None, reviewer: str):
-        self.state, self.reviewer = Path(state), reviewer
+    def __init__(
+        self, state: Path | shop.Source, host: str, port: int, token: str | None, reviewer: str
+    ) -> None:
+        self.state, self.reviewer = shop.Source.of(state), reviewer
         self.loopback = is_loopback(host)
         self.token = token or secrets.token_urlsafe(18)
         self.env = environment()
@@ -286,22 +289,25 @@ def _plain(row) -> dict:
     return d
 
 
-def serve(state: str | Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          reviewer: str | None = None) -> None:  # fmt: skip
-    """Serve the review page until Ctrl-C (SIGINT)."""
+def serve(state: str | Path | None, host: str = "127.0.0.1", port: int = 8765,
+          token: str | None = None, reviewer: str | None = None, db: str | None = None,
+          cell: str | None = None) -> None:  # fmt: skip
+    """Serve the review page of a state folder, or of a plant database's queue (``db``: every
+    cell, or ``cell``), until Ctrl-C (SIGINT)."""
     # a process started in the background by a shell inherits SIGINT ignored: stop on it anyway
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    shop.open_store(state).close()  # a clear error now, not on the first request
+    src = shop.Source.of(state, db, cell)
+    shop.open_store(src).close()  # a clear error now, not on the first request
     if not is_loopback(host) and token is not None and len(token) < 12:
         raise InspectError(f"token of {len(token)} characters is too short: use 12 or more")
     try:
-        server = ReviewServer(Path(state).expanduser(), host, port, token,
+        server = ReviewServer(src, host, port, token,
                               reviewer or decisions.default_reviewer())  # fmt: skip
     except OSError as exc:
         raise InspectError(
             f"cannot listen on {host}:{port}: {exc.strerror}; try another port="
         ) from exc
-    print(f"review page for {state} at {server.url} (reviewer {server.reviewer}); Ctrl-C stops",
+    print(f"review page for {src.shown} at {server.url} (reviewer {server.reviewer}); Ctrl-C stops",
           flush=True)  # fmt: skip
     try:
         server.serve_forever()

@@ -1,7 +1,8 @@
 """The watcher's store read for QA: jobs with their verdicts, layers, flags and reviews.
 
-One read of ``STATE/watch.db`` gives plain objects that the report, the review page and the
-label export share, so all three agree on what counts as flagged, open or caught.
+One read of the store (``STATE/watch.db``, or a plant database: see ``Source``) gives plain
+objects that the report, the review page and the label export share, so all three agree on
+what counts as flagged, open or caught.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from inspect3d.data.layout import legacy_folder_name, text_name
-from inspect3d.errors import InspectError
 from inspect3d.infer.model import likeliest_defect
 from inspect3d.review.decisions import is_open
+from inspect3d.watch import db as watch_db
+from inspect3d.watch.db import shown_url
 from inspect3d.watch.journal import evidence_folder
 from inspect3d.watch.store import DecisionRow, JobRow, LayerRow, Store, decode_map
 
-DB_NAME = "watch.db"
 # A job counts as replayed (scored from a backlog, not live) when the watcher scored its
 # layers this long after they arrived, or scored most of them together in one batch.
 BACKLOG_S = 60.0
@@ -71,6 +72,7 @@ class Job:
     threshold: float
     layers: list[Layer] = field(default_factory=list)
     map_threshold: float | None = None  # None: the defect map crosses at ``threshold``
+    cell: str = ""  # the watcher's cell ('' in an SQLite state folder)
 
     @property
     def map_scale(self) -> float:
@@ -173,8 +175,8 @@ class Shop:
 
     def printers(self) -> dict[str, list[Job]]:
         out: dict[str, list[Job]] = {}
-        for j in self.jobs:
-            out.setdefault(j.printer, []).append(j)
+        for j in self.jobs:  # a plant's printers are named by cell too: two cells may share one
+            out.setdefault(f"{j.cell}/{j.printer}" if j.cell else j.printer, []).append(j)
         return dict(sorted(out.items()))
 
     def normal_class(self) -> str | None:
@@ -187,32 +189,64 @@ class Shop:
         return None
 
 
-def open_store(state: str | Path) -> Store:
-    """The store of a watcher state folder (it must exist: we never create an empty one)."""
-    db = Path(state).expanduser() / DB_NAME
-    if not db.is_file():
-        raise InspectError(
-            f"no watcher state in {str(state)!r}: {db} does not exist "
-            "(give the state= folder of `inspect3d watch`)"
-        )
-    return Store(db)
+@dataclass(frozen=True)
+class Source:
+    """Where QA reads from: a watcher's state folder (SQLite), or a plant database (``db``),
+    one cell of it or all (``cell`` None); files (evidence) stay in each cell's state folder."""
+
+    state: Path | None = None
+    db: str | None = None
+    cell: str | None = None
+
+    @classmethod
+    def of(cls, state: str | Path | Source | None, db: str | None = None,
+           cell: str | None = None) -> Source:  # fmt: skip
+        if isinstance(state, Source):
+            return state
+        return cls(None if state is None else Path(state).expanduser(), db, cell or None)
+
+    @property
+    def shown(self) -> str:
+        """The source as people read it (a database URL without its password)."""
+        if self.db is None:
+            return str(self.state)
+        return shown_url(self.db) + (f" cell {self.cell}" if self.cell else " (all cells)")
+
+
+def open_store(state: str | Path | Source | None, db: str | None = None,
+               cell: str | None = None) -> Store:  # fmt: skip
+    """The store QA reads (it must exist: we never create an empty one)."""
+    src = Source.of(state, db, cell)
+    return watch_db.open_store(src.state, src.db, src.cell)
 
 
 def load(store: Store) -> Shop:
-    """Every job with its layers, decisions and current reviews."""
-    state = store.path.parent
+    """Every job (of the cell, or of the plant) with its layers, decisions and current reviews."""
+    cells = {c: {k: json.loads(v) for k, v in m.items()} for c, m in store.cell_meta().items()}
     meta = {k: json.loads(v) for k, v in store.meta().items()}
-    inbox = Path(meta["inbox"]) if meta.get("inbox") else None
-    reviews = {k: dict(v) for k, v in store.current_reviews().items()}
-    jobs = [_job(row, store.job_decisions(row.id), meta) for row in store.jobs()]
-    for job in jobs:
-        rows = store.job_layers(job.id)
-        job.layers = [_layer(r, job, state, inbox, reviews.get(r.id)) for r in rows]
-    s = Shop(state, meta, jobs)
+    reviews = store.current_reviews()
+    jobs = []
+    for row in store.jobs():
+        cell_meta = cells.get(row.cell, meta)
+        job = _job(row, store.job_decisions(row.id), cell_meta)
+        state, inbox = _folders(store, cell_meta)
+        job.layers = [
+            _layer(r, job, state, inbox, reviews.get(r.id)) for r in store.job_layers(job.id)
+        ]
+        jobs.append(job)
+    s = Shop(store.state or Path(meta.get("state") or "."), meta, jobs)
     normal = s.normal_class()
     for x in (x for j in jobs for x in j.layers if x.probs and normal is not None):
         x.defect_class, x.defect_p = likeliest_defect(x.probs, normal)
     return s
+
+
+def _folders(store: Store, meta: dict) -> tuple[Path, Path | None]:
+    """A cell's state folder (the one given, when reading one cell) and its inbox."""
+    state = store.state
+    if state is None or store.cell is None:
+        state = Path(meta.get("state") or state or ".")
+    return state, Path(meta["inbox"]) if meta.get("inbox") else None
 
 
 def _job(row: JobRow, decisions: list[DecisionRow], meta: dict) -> Job:
@@ -229,7 +263,7 @@ def _job(row: JobRow, decisions: list[DecisionRow], meta: dict) -> Job:
         ended_by=row.end_reason, records=records,
         decided_at={d.kind: d.created_at for d in decisions},
         threshold=float(threshold if threshold is not None else meta.get("threshold", 0.5)),
-        map_threshold=None if map_threshold is None else float(map_threshold),
+        map_threshold=None if map_threshold is None else float(map_threshold), cell=row.cell,
     )  # fmt: skip
 
 

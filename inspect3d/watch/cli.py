@@ -24,11 +24,12 @@ def load_config(name: str, args: list[str]) -> dict:
 def watch_main(args: list[str]) -> int:
     from inspect3d.watch.config import WatchConfig
     from inspect3d.watch.service import watch
-    from inspect3d.watch.status import format_jobs, format_text
+    from inspect3d.watch.status import format_jobs, format_text, jobs
 
-    s = watch(WatchConfig.from_dict(load_config("watch", args)))
+    cfg = WatchConfig.from_dict(load_config("watch", args))
+    s = watch(cfg)
     print(format_text(s))
-    print(format_jobs(s["state"]))
+    print(format_jobs(jobs(cfg.state, cfg.db, cfg.cell if cfg.db else None)))
     return 0
 
 

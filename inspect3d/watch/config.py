@@ -45,6 +45,8 @@ class WatchConfig:
     review: bool = True
     log_max_bytes: int = 10_000_000
     log_backups: int = 5
+    db: str | None = field(default=None, repr=False)  # postgresql://... (None: SQLite in state)
+    cell: str | None = None  # this watcher's cell in a plant database (needed with db)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     actions: ActionConfig = field(default_factory=ActionConfig)
 
@@ -52,6 +54,11 @@ class WatchConfig:
         for name in ("poll_s", "settle_s", "idle_s", "incomplete_s"):
             if getattr(self, name) < 0:
                 raise InspectError(f"{name}={getattr(self, name)!r} must be >= 0 (seconds)")
+        if self.db is not None and not self.cell:
+            raise InspectError(
+                "db= (a plant database) needs cell=NAME: the name of this watcher's cell of "
+                "printers, unique in the plant (e.g. cell=hall2-east)"
+            )
         for name in ("batch_size", "max_pixels", "max_image_bytes", "incomplete_tries"):
             if getattr(self, name) < 1:
                 raise InspectError(f"{name}={getattr(self, name)!r} must be >= 1")

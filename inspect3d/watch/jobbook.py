@@ -6,13 +6,13 @@ jobs is kept in memory only as a cache of what the store replays on start. Anyth
 while recording one layer or ending one job stays with it: the layer is recorded as failed with
 the exception (or, if even that fails, skipped until restart), the job is left open; both are
 reported through ``errors``. Errors of the store itself (``STORE_ERRORS``: disk full, locked)
-propagate, so the loop retries the whole step.
+propagate, so the loop retries the whole step (after a lost connection, from what is committed:
+``reload``).
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,10 +22,10 @@ from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.inbox import Arrival
 from inspect3d.watch.policy import Decision, JobState, LayerObs, replay, step
 from inspect3d.watch.scoring import LayerResult
-from inspect3d.watch.store import JobRow, Store
+from inspect3d.watch.store import TRANSIENT_ERRORS, JobRow, Store
 
 log = logging.getLogger(__name__)
-STORE_ERRORS = (sqlite3.OperationalError, OSError)
+STORE_ERRORS = TRANSIENT_ERRORS
 States = dict[int, JobState]
 
 
@@ -56,6 +56,14 @@ class JobBook:
         self.stuck_jobs: set[int] = set()  # jobs whose end failed unexpectedly (logged)
         self.states: States = {}
         self._closing: list[int] = []
+
+    def reload(self) -> None:
+        """Forget the caches and read them again from the store (a lost connection may have
+        committed the last batch, or not)."""
+        self.known = self.store.known_rels()
+        self.ended_dirs = self.store.job_dirs(None)
+        self.states = {}
+        self.replay_open_jobs()
 
     def replay_open_jobs(self) -> None:
         """The policy state of the open jobs, from their stored scores (after a restart)."""

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import signal
-import sqlite3
+import socket
 import threading
 import time
 from logging.handlers import RotatingFileHandler
@@ -33,11 +33,12 @@ from inspect3d.errors import InspectError
 from inspect3d.infer.model import OnnxModel
 from inspect3d.infer.providers import check_available
 from inspect3d.watch.config import WatchConfig
+from inspect3d.watch.db import open_store
 from inspect3d.watch.inbox import InboxScanner
 from inspect3d.watch.jobbook import JobBook, ModelStamp
 from inspect3d.watch.outbox import Outbox
 from inspect3d.watch.scoring import LayerResult, Limits, score_batch
-from inspect3d.watch.store import Store
+from inspect3d.watch.store import STORE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 DB_NAME, LOG_NAME, LOCK_NAME = "watch.db", "watch.log", "watch.lock"
@@ -113,7 +114,7 @@ class Watcher:
         self.state.mkdir(parents=True, exist_ok=True)
         self._locks.append(acquire_lock(self.state / LOCK_NAME, f"state {str(self.state)!r}"))
         try:
-            self.store = Store(self.state / DB_NAME)
+            self.store = self._open_store()
             self._load_model()
             self._open_inbox(create_inbox)
             self._locks.append(acquire_lock(self.inbox / INBOX_LOCK, f"inbox {str(self.inbox)!r}"))
@@ -124,6 +125,17 @@ class Watcher:
             self._release()
             raise
         return self
+
+    def _open_store(self) -> Store:
+        """SQLite in the state folder, or the plant's PostgreSQL (this cell's rows only)."""
+        store = open_store(self.state, self.cfg.db, self.cfg.cell, create=True)
+        if self.cfg.db is not None:
+            try:
+                store.hold_cell()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
     def _refuse_state_in_inbox(self) -> None:
         real = Path(os.path.realpath(self.state))
@@ -151,15 +163,19 @@ class Watcher:
         self.book.replay_open_jobs()
         self.outbox.start()
         self._try_meta(
-            inbox=str(self.inbox), pid=os.getpid(), started_at=time.time(), stopped_at=None
-        )
-        log.info("watching %s (state %s, model %s)", self.inbox, self.state, self.model_sha[:12])
+            inbox=str(self.inbox), state=str(self.state), cell=self.cfg.cell or "",
+            pid=os.getpid(), host=socket.gethostname(), started_at=time.time(), stopped_at=None,
+        )  # fmt: skip
+        log.info(
+            "watching %s (state %s, history %s, model %s)",
+            self.inbox, self.state, self.store.where, self.model_sha[:12],
+        )  # fmt: skip
 
     def _try_meta(self, **values: object) -> None:
         """Health values: a failure (disk full) is logged, not fatal; written again later."""
         try:
             self.store.set_meta(**values)
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             log.error("cannot write health to the store: %s", exc)
 
     def _load_model(self) -> None:
@@ -230,6 +246,10 @@ class Watcher:
     def step(self, now: float | None = None) -> bool:
         """One iteration; True when it did something (files scored, markers handled)."""
         self._maybe_reload()
+        self.store.ensure_connected()  # raises while a database server is down: retried
+        if self.store.reconnected:  # the last batch may or may not be committed: read it back
+            self.store.reconnected = False
+            self.book.reload()
         skip = frozenset(self.book.ended_dirs) if self._listed_all else frozenset()
         arrivals = self.scanner.poll(self.book.known, now, skip)
         self._listed_all = True
@@ -259,7 +279,7 @@ class Watcher:
     def _error(self, source: str, message: str) -> None:
         """Logged, and recorded for ``status`` unless the database itself is the problem."""
         log.error("%s: %s", source, message)
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*STORE_ERRORS):
             self.store.record_error(source, message)
 
     def _note_scan_error(self) -> None:
@@ -313,7 +333,7 @@ def watch(cfg: WatchConfig) -> dict:
             watcher.run()
         finally:
             watcher.close()
-        return summary(Path(cfg.state))
+        return summary(Path(cfg.state), cfg.db, cfg.cell if cfg.db else None)
     finally:
         logging.getLogger("inspect3d").removeHandler(handler)
         handler.close()

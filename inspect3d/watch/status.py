@@ -1,4 +1,7 @@
-"""``inspect3d status state=STATE [--json]``: per printer and overall, read from the database."""
+"""``inspect3d status state=STATE|db=URL [cell=NAME] [--json]``: per printer and overall.
+
+Read from the watcher's store: its SQLite file, or a plant database (every cell, or one).
+"""
 
 from __future__ import annotations
 
@@ -6,110 +9,85 @@ import argparse
 import fcntl
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 
 from inspect3d.errors import InspectError
+from inspect3d.watch.db import open_store
+from inspect3d.watch.store import DecisionRow, JobRow, Store
 
-_PRINTERS = """
-SELECT p.name AS printer, j.name AS job, j.id AS job_id, j.status AS job_status, j.level AS level,
-  (SELECT COUNT(*) FROM layers l WHERE l.job_id = j.id AND l.status = 'scored') AS layers_scored,
-  (SELECT COUNT(*) FROM layers l WHERE l.job_id = j.id AND l.status = 'failed') AS layers_failed,
-  (SELECT score FROM layers l WHERE l.job_id = j.id AND l.status = 'scored'
-     ORDER BY l.id DESC LIMIT 1) AS latest_score
-FROM printers p LEFT JOIN jobs j ON j.id = p.current_job ORDER BY p.name
-"""
+STALE_S = 30.0  # a cell without a heartbeat this long counts as not running
 
 
-def summary(state: str | Path) -> dict:
-    """Status of the watcher whose state folder is ``state`` (read-only)."""
-    db_path = Path(state) / "watch.db"
-    if not db_path.is_file():
-        raise InspectError(f"no watcher state in {str(state)!r}: {db_path} does not exist")
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
-    db.row_factory = sqlite3.Row
+def summary(state: str | Path | None, db: str | None = None, cell: str | None = None) -> dict:
+    """Status of one watcher (its state folder), or of a plant database's cells (``db``; all of
+    them when ``cell`` is None)."""
+    store = open_store(state, db, cell)
     try:
         return {
-            "state": str(state),
-            "printers": _printers(db),
-            **_totals(db),
-            "health": _health(db, state),
-        }
+            "state": None if state is None else str(state),
+            "db": store.where if db is not None else None,
+            "cell": cell,
+            "printers": _printers(store),
+            **store.totals(),
+            "health": _health(store.meta(), state),
+            "cells": {c: _health(m, state if c == cell else None)
+                      for c, m in store.cell_meta().items()},
+        }  # fmt: skip
     finally:
-        db.close()
+        store.close()
 
 
-def jobs(state: str | Path) -> list[dict]:
+def jobs(state: str | Path | None, db: str | None = None, cell: str | None = None) -> list[dict]:
     """Every job: printer, name, verdict so far (final or not), where it was caught."""
-    db = sqlite3.connect(f"file:{Path(state) / 'watch.db'}?mode=ro", uri=True, timeout=10.0)
-    db.row_factory = sqlite3.Row
+    store = open_store(state, db, cell)
     try:
-        return [_job(db, r) for r in db.execute("SELECT * FROM jobs ORDER BY id")]
+        return [_job(j, store.job_decisions(j.id)) for j in store.jobs()]
     finally:
-        db.close()
+        store.close()
 
 
-def _job(db: sqlite3.Connection, job: sqlite3.Row) -> dict:
-    rows = db.execute(
-        "SELECT kind, record FROM decisions WHERE job_id = ? ORDER BY id", (job["id"],)
-    )
-    records = {kind: json.loads(rec) for kind, rec in rows}
+def _job(job: JobRow, decisions: list[DecisionRow]) -> dict:
+    records = {d.kind: d.record for d in decisions}
     caught = records.get("REJECT") or records.get("WARN") or {}
     final = records.get("FINAL")
     return {
-        "printer": job["printer"],
-        "job": job["name"],
-        "verdict": final["verdict"] if final else job["level"],
+        "cell": job.cell,
+        "printer": job.printer,
+        "job": job.name,
+        "verdict": final["verdict"] if final else job.level,
         "final": final is not None,
-        "ended_by": job["end_reason"],
+        "ended_by": job.end_reason,
         "caught_at_layer": caught.get("reason", {}).get("at_layer"),
         "first_bad_layer": caught.get("reason", {}).get("first_bad_layer"),
         "layers_scored": (final or {}).get("reason", {}).get("layers_scored"),
     }
 
 
-def format_jobs(state: str | Path) -> str:
+def format_jobs(job_list: list[dict]) -> str:
     """One line per job: its verdict and the layer at which it was caught."""
     lines = [f"{'printer':<14} {'job':<20} {'verdict':<8} {'caught at layer':>15}  ended by"]
-    for j in jobs(state):
+    for j in job_list:
         verdict = j["verdict"] if j["final"] else f"{j['verdict']}*"
         caught = "-" if j["caught_at_layer"] is None else str(j["caught_at_layer"])
-        lines.append(
-            f"{j['printer']:<14} {j['job']:<20} {verdict:<8} {caught:>15}  {j['ended_by'] or '-'}"
-        )
+        printer = f"{j['cell']}/{j['printer']}" if j["cell"] else j["printer"]
+        ended = j["ended_by"] or "-"
+        lines.append(f"{printer:<14} {j['job']:<20} {verdict:<8} {caught:>15}  {ended}")
     return "\n".join(lines)
 
 
-def _printers(db: sqlite3.Connection) -> dict[str, dict]:
+def _printers(store: Store) -> dict[str, dict]:
+    """Per printer (``cell/printer`` where the store has named cells)."""
     out = {}
-    for r in db.execute(_PRINTERS):
-        final = db.execute(
-            "SELECT level FROM decisions WHERE job_id = ? AND kind = 'FINAL'", (r["job_id"],)
-        ).fetchone()
-        out[r["printer"]] = {
-            "job": r["job"], "job_status": r["job_status"], "layers_scored": r["layers_scored"],
-            "layers_failed": r["layers_failed"], "latest_score": r["latest_score"],
-            "decision": final[0] if final else r["level"], "final": final is not None,
+    for r in store.printer_status():
+        key = f"{r['cell']}/{r['printer']}" if r["cell"] else r["printer"]
+        out[key] = {
+            "cell": r["cell"], "job": r["job"], "job_status": r["job_status"],
+            "layers_scored": r["layers_scored"], "layers_failed": r["layers_failed"],
+            "latest_score": r["latest_score"], "decision": r["final"] or r["level"],
+            "final": r["final"] is not None,
         }  # fmt: skip
     return out
-
-
-def _totals(db: sqlite3.Connection) -> dict:
-    one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
-    return {
-        "layers_scored": one("SELECT COUNT(*) FROM layers WHERE status = 'scored'"),
-        "layers_failed": one("SELECT COUNT(*) FROM layers WHERE status = 'failed'"),
-        "jobs": one("SELECT COUNT(*) FROM jobs"),
-        "jobs_open": one("SELECT COUNT(*) FROM jobs WHERE status = 'open'"),
-        "rejects": one("SELECT COUNT(*) FROM decisions WHERE kind = 'FINAL' AND level = 'REJECT'"),
-        "warns": one("SELECT COUNT(*) FROM decisions WHERE kind = 'FINAL' AND level = 'WARN'"),
-        "decisions": one("SELECT COUNT(*) FROM decisions"),
-        "actions_failed": one("SELECT COUNT(*) FROM actions WHERE status = 'failed'"),
-        # started and never finished (the watcher died meanwhile): may have run, not rerun
-        "actions_unknown": one("SELECT COUNT(*) FROM actions WHERE status = 'unknown'"),
-        "errors": one("SELECT COUNT(*) FROM errors"),
-    }
 
 
 def running(state: str | Path) -> bool:
@@ -127,12 +105,18 @@ def running(state: str | Path) -> bool:
         os.close(fd)
 
 
-def _health(db: sqlite3.Connection, state: str | Path) -> dict:
-    meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-    meta["running"] = running(state)
-    meta.setdefault("last_error", None)
+def _health(meta: dict[str, str], state: str | Path | None) -> dict:
+    """A cell's health; ``running`` from its lock when its state folder is here, else from the
+    heartbeat (a watcher that stopped cleanly says so)."""
+    meta = {k: json.loads(v) for k, v in meta.items()}
     beat = meta.get("heartbeat")
     meta["seconds_since_heartbeat"] = None if beat is None else round(time.time() - beat, 1)
+    if state is not None:
+        meta["running"] = running(state)
+    else:
+        age = meta["seconds_since_heartbeat"]
+        meta["running"] = meta.get("stopped_at") is None and age is not None and age < STALE_S
+    meta.setdefault("last_error", None)
     return meta
 
 
@@ -163,25 +147,30 @@ def format_text(s: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``inspect3d status state=STATE [--json]`` (``--state STATE`` works too)."""
+    """``inspect3d status state=STATE|db=URL [cell=NAME] [--json] [--jobs]``."""
     parser = argparse.ArgumentParser(prog="inspect3d status", description=__doc__)
-    parser.add_argument("state_kv", nargs="?", help="state=STATE: the watcher's state folder")
+    parser.add_argument("settings", nargs="*", help="state=STATE, db=URL, cell=NAME")
     parser.add_argument("--state", help="the watcher's state folder")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--jobs", action="store_true", help="also list every job's verdict")
     args = parser.parse_args(argv)
-    state = args.state
-    if args.state_kv is not None:
-        if not args.state_kv.startswith("state="):
-            raise InspectError(f"unexpected argument {args.state_kv!r}: use state=STATE")
-        state = args.state_kv.split("=", 1)[1]
-    if not state:
-        raise InspectError("no state folder given: use `inspect3d status state=STATE [--json]`")
-    s = summary(state)
+    kv = {"state": args.state}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("state", "db", "cell"):
+            raise InspectError(f"unexpected argument {item!r}: use state=STATE, db=URL, cell=NAME")
+        kv[key] = value
+    if not kv.get("state") and not kv.get("db"):
+        raise InspectError(
+            "no state folder given: use `inspect3d status state=STATE [--json]` "
+            "(or db=URL [cell=NAME] for a plant database)"
+        )
+    where = (kv.get("state") or None, kv.get("db"), kv.get("cell") or None)
+    s = summary(*where)
     if args.jobs:
-        s["jobs_list"] = jobs(state)
+        s["jobs_list"] = jobs(*where)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
     else:
-        print(format_text(s) + ("\n" + format_jobs(state) if args.jobs else ""))
+        print(format_text(s) + ("\n" + format_jobs(s["jobs_list"]) if args.jobs else ""))
     return 0

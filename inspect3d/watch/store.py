@@ -1,10 +1,15 @@
-"""The watcher's state in SQLite (WAL): printers, jobs, layers, decisions, actions, health.
+"""The watcher's state: printers, jobs, layers, decisions, actions, health, QA reviews.
+
+Two backends share this module's SQL: SQLite (WAL, ``STATE/watch.db``, the default: embedded,
+nothing to install) and PostgreSQL (``inspect3d.watch.store_pg``: one database for a plant of
+watchers). Each watcher writes the rows of its own *cell* (one inbox of printers); readers see
+one cell or the whole plant (``cell=None``). An SQLite file holds one cell, named ``''``.
 
 Exactly-once: a batch of layers, the job changes and the decisions they cause are written in one
-``BEGIN IMMEDIATE`` transaction, and a file is known by its path relative to the inbox (UNIQUE).
-After a crash a file is either recorded with its score, or not at all and scored again. Things
-done outside the database afterwards (the reject log, evidence, actions) are driven by flags in
-the rows (an outbox), so they are redone, not lost, after a crash.
+transaction, and a file is known by its cell and its path relative to the inbox (UNIQUE). After a
+crash a file is either recorded with its score, or not at all and scored again. Things done
+outside the database afterwards (the reject log, evidence, actions) are driven by flags in the
+rows (an outbox), so they are redone, not lost, after a crash.
 """
 
 from __future__ import annotations
@@ -24,7 +29,24 @@ import numpy as np
 from inspect3d.data.layout import name_text
 from inspect3d.watch.policy import LayerObs
 
-SCHEMA = """
+try:  # the PostgreSQL extra: its errors are store errors too
+    import psycopg
+except ImportError:  # pragma: no cover - the base install
+    psycopg = None
+
+# Errors of the database itself (disk full, locked, server gone): the watcher retries the step.
+STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,) + (
+    (psycopg.Error,) if psycopg else ()
+)
+# Of those, the ones that are not about a layer's own content (a UNIQUE violation is).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, OSError) + (
+    (psycopg.OperationalError, psycopg.InterfaceError) if psycopg else ()
+)
+SCHEMA_VERSION = 2
+# The cell filter of the readers: ``None`` reads every cell (the plant).
+IN_CELL = "(CAST(? AS TEXT) IS NULL OR {t}cell = ?)"
+
+SQLITE_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS printers (name TEXT PRIMARY KEY, current_job INTEGER);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,6 +77,21 @@ CREATE TRIGGER IF NOT EXISTS reviews_no_update BEFORE UPDATE ON reviews
   BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END;
 CREATE TRIGGER IF NOT EXISTS reviews_no_delete BEFORE DELETE ON reviews
   BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END;
+"""
+
+
+# Version 2: the cell of every row, so one database can hold a plant (SQLite keeps one cell).
+SQLITE_V2 = """
+ALTER TABLE meta ADD COLUMN cell TEXT NOT NULL DEFAULT '';
+ALTER TABLE printers ADD COLUMN cell TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN cell TEXT NOT NULL DEFAULT '';
+ALTER TABLE layers ADD COLUMN cell TEXT NOT NULL DEFAULT '';
+ALTER TABLE errors ADD COLUMN cell TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX IF NOT EXISTS meta_by_cell ON meta (cell, key);
+CREATE UNIQUE INDEX IF NOT EXISTS printers_by_cell ON printers (cell, name);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_cell ON jobs (cell, printer, name);
+CREATE UNIQUE INDEX IF NOT EXISTS layers_by_cell ON layers (cell, rel);
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, upgraded_at REAL);
 """
 
 
@@ -98,6 +135,7 @@ class JobRow:
     last_at: float | None = None
     closed_at: float | None = None
     end_reason: str | None = None  # marker | next_job | idle
+    cell: str = ""  # the watcher's cell ('' in an SQLite file)
 
 
 @dataclass(frozen=True)
@@ -122,6 +160,7 @@ class LayerRow:
     error: str | None = None
     note: str | None = None
     done_at: float | None = None
+    cell: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,32 +189,88 @@ class PendingAction:
 
 
 class Store:
-    """One connection to ``STATE/watch.db``; use from one thread. Reads return typed rows."""
+    """The SQLite backend (``STATE/watch.db``) and the SQL both backends share.
 
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+    Use from one thread. Reads return typed rows. ``cell`` is the cell this store writes and
+    reads (an SQLite file has one, ``''``); ``None`` reads every cell (plant readers only).
+    """
+
+    kind = "sqlite"
+    begin = "BEGIN IMMEDIATE"  # one writer at a time
+    lock_row = ""  # what locks a row read before an insert that depends on it
+
+    def __init__(self, path: str | Path, readonly: bool = False, cell: str | None = "") -> None:
         self.path = Path(path)
+        self.state: Path | None = self.path.parent
+        self.cell = cell
+        self.reconnected = False  # set when a lost connection was made again (PostgreSQL)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self.db = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         if not readonly:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a committed decision survives power loss
-            self.db.executescript(SCHEMA)
-            self._migrate()
+            self.upgrade()
 
-    def _migrate(self) -> None:
-        """Columns added since a state folder was first written."""
+    @property
+    def where(self) -> str:
+        """Where the history lives, as shown to people (never with a password)."""
+        return str(self.path)
+
+    # --- schema versions -------------------------------------------------------------------------
+    def version(self) -> int:
+        """The schema version of the database (0: empty)."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        if "schema_version" in tables:
+            return int(self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+        return 1 if "jobs" in tables else 0
+
+    def upgrade(self) -> int:
+        """Bring the schema to ``SCHEMA_VERSION`` (each step once, in one transaction)."""
+        if self.version() >= SCHEMA_VERSION:
+            return self.version()
+        self.db.executescript(SQLITE_SCHEMA_V1)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(actions)")}
-        if "started_at" not in cols:
+        if "started_at" not in cols:  # added within version 1
             self.db.execute("ALTER TABLE actions ADD COLUMN started_at REAL")
+        with self._atomic():
+            if self.version() < 2:
+                for statement in SQLITE_V2.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(
+                    "INSERT INTO schema_version VALUES (?, ?)", (SCHEMA_VERSION, time.time())
+                )
+        return SCHEMA_VERSION
+
+    # --- the statements: the dialect of PostgreSQL overrides these -----------------------------
+    def execute(self, sql: str, params: tuple | list = ()):
+        return self.db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        self.db.executemany(sql, rows)
+
+    def insert_id(self, sql: str, params: tuple) -> int | None:
+        """Run an ``INSERT ... RETURNING id``; the new id, or None when nothing was inserted."""
+        rows = self.execute(sql, params).fetchall()
+        return int(rows[0][0]) if rows else None
+
+    def ensure_connected(self) -> None:
+        """Connect again if the connection was lost (an SQLite file is never lost)."""
+
+    def scalar(self, sql: str, params: tuple | list = ()):
+        return self.execute(sql, params).fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self):
         """All-or-nothing block (``BEGIN IMMEDIATE``: one writer at a time)."""
-        self.db.execute("BEGIN IMMEDIATE")
+        return self._atomic()
+
+    @contextmanager
+    def _atomic(self) -> Iterator[object]:
+        self.db.execute(self.begin)
         try:
             yield self.db
         except BaseException:
@@ -183,30 +278,47 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    def _cell(self, table: str = "") -> tuple[str, tuple]:
+        """The SQL and parameters that keep a query to this store's cell (all when None)."""
+        return IN_CELL.format(t=f"{table}." if table else ""), (self.cell, self.cell)
+
     # --- reads -------------------------------------------------------------------------------
     def known_rels(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT rel FROM layers")}
+        where, p = self._cell()
+        return {r[0] for r in self.execute(f"SELECT rel FROM layers WHERE {where}", p)}
 
     def job(self, printer: str, name: str) -> JobRow | None:
-        sql = "SELECT * FROM jobs WHERE printer = ? AND name = ?"
-        return _typed(JobRow, self.db.execute(sql, (printer, name)).fetchone())
+        where, p = self._cell()
+        sql = f"SELECT * FROM jobs WHERE printer = ? AND name = ? AND {where}"
+        return _typed(JobRow, self.execute(sql, (printer, name, *p)).fetchone())
+
+    def job_by_id(self, job_id: int) -> JobRow | None:
+        return _typed(JobRow, self.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def open_jobs(self) -> list[JobRow]:
-        sql = "SELECT * FROM jobs WHERE status = 'open' ORDER BY id"
-        return [_typed(JobRow, r) for r in self.db.execute(sql)]
+        where, p = self._cell()
+        sql = f"SELECT * FROM jobs WHERE status = 'open' AND {where} ORDER BY id"
+        return [_typed(JobRow, r) for r in self.execute(sql, p)]
 
     def jobs(self) -> list[JobRow]:
-        """Every job, in the order they were opened."""
-        return [_typed(JobRow, r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
+        """Every job (of the cell, or of the plant), in the order they were opened."""
+        where, p = self._cell()
+        return [_typed(JobRow, r) for r in self.execute(f"SELECT * FROM jobs WHERE {where} "
+                                                       "ORDER BY id", p)]  # fmt: skip
+
+    def cells(self) -> list[str]:
+        """The cells with history here (one, ``''``, in an SQLite file)."""
+        sql = "SELECT DISTINCT cell FROM jobs UNION SELECT DISTINCT cell FROM meta ORDER BY 1"
+        return [r[0] for r in self.execute(sql)]
 
     def job_layers(self, job_id: int) -> list[LayerRow]:
         """A job's layers (scored and failed) in layer order."""
         sql = "SELECT * FROM layers WHERE job_id = ? ORDER BY layer, id"
-        return [_typed(LayerRow, r) for r in self.db.execute(sql, (job_id,))]
+        return [_typed(LayerRow, r) for r in self.execute(sql, (job_id,))]
 
     def job_decisions(self, job_id: int) -> list[DecisionRow]:
         sql = "SELECT * FROM decisions WHERE job_id = ? ORDER BY id"
-        return [DecisionRow.of(r) for r in self.db.execute(sql, (job_id,))]
+        return [DecisionRow.of(r) for r in self.execute(sql, (job_id,))]
 
     def job_obs(self, job_id: int) -> list[LayerObs]:
         """The job's scored layers in the order they were scored (what the policy saw)."""
@@ -214,70 +326,124 @@ class Store:
             "SELECT layer, score, label FROM layers "
             "WHERE job_id = ? AND status = 'scored' ORDER BY id"
         )
-        return [LayerObs(r[0], r[1], r[2]) for r in self.db.execute(sql, (job_id,))]
+        return [LayerObs(r[0], r[1], r[2]) for r in self.execute(sql, (job_id,))]
 
     def job_dirs(self, job_id: int | None) -> set[str]:
         """Folders that hold only this ended job's files (all ended jobs when ``job_id`` is None):
         those named after the job (a pattern may take the job from the file name instead)."""
         sql = "SELECT l.rel, j.name FROM layers l JOIN jobs j ON j.id = l.job_id WHERE "
         if job_id is None:
-            rows = self.db.execute(sql + "j.status = 'closed'")
+            where, p = self._cell("j")
+            rows = self.execute(sql + f"j.status = 'closed' AND {where}", p)
         else:
-            rows = self.db.execute(sql + "j.id = ?", (job_id,))
+            rows = self.execute(sql + "j.id = ?", (job_id,))
         dirs = {(rel.rsplit("/", 1)[0], name) for rel, name in rows}
         return {d for d, name in dirs if d.rsplit("/", 1)[-1] == name_text(name)}
 
     def n_layers(self, job_id: int) -> int:
-        return self.db.execute(
-            "SELECT COUNT(*) FROM layers WHERE job_id = ?", (job_id,)
-        ).fetchone()[0]
+        return self.scalar("SELECT COUNT(*) FROM layers WHERE job_id = ?", (job_id,))
 
     def layer_rows(self, job_id: int, layers: list[int]) -> list[LayerRow]:
         marks = ",".join("?" * len(layers))
         sql = f"SELECT * FROM layers WHERE job_id = ? AND status = 'scored' AND layer IN ({marks})"
-        return [_typed(LayerRow, r) for r in self.db.execute(sql, (job_id, *layers))]
+        return [_typed(LayerRow, r) for r in self.execute(sql, (job_id, *layers))]
+
+    def _decisions_where(self, flags: str) -> list[DecisionRow]:
+        where, p = self._cell("j")
+        sql = (
+            "SELECT d.* FROM decisions d JOIN jobs j ON j.id = d.job_id "
+            f"WHERE {flags} AND {where} ORDER BY d.id"
+        )
+        return [DecisionRow.of(r) for r in self.execute(sql, p)]
 
     def unlogged(self) -> list[DecisionRow]:
-        sql = "SELECT * FROM decisions WHERE logged = 0 ORDER BY id"
-        return [DecisionRow.of(r) for r in self.db.execute(sql)]
+        return self._decisions_where("d.logged = 0")
 
     def without_evidence(self) -> list[DecisionRow]:
-        sql = "SELECT * FROM decisions WHERE evidence = 0 AND logged = 1 ORDER BY id"
-        return [DecisionRow.of(r) for r in self.db.execute(sql)]
+        return self._decisions_where("d.evidence = 0 AND d.logged = 1")
 
     def meta(self) -> dict[str, str]:
-        meta = {k: v for k, v in self.db.execute("SELECT key, value FROM meta")}
-        if meta.get("inbox"):
-            inbox = resolve_typed_path(json.loads(meta["inbox"]), self.path.parent)
-            meta["inbox"] = json.dumps(str(inbox))
-        return meta
+        """The cell's settings and health, as JSON texts (the first cell's for a plant reader)."""
+        cell = self.cell if self.cell is not None else next(iter(self.cells()), "")
+        return self.cell_meta().get(cell, {})
+
+    def cell_meta(self) -> dict[str, dict[str, str]]:
+        """Every cell's settings and health (one cell when this store has one), as JSON texts."""
+        where, p = self._cell()
+        out: dict[str, dict[str, str]] = {}
+        for cell, key, value in self.execute(f"SELECT cell, key, value FROM meta WHERE {where}", p):
+            out.setdefault(cell, {})[key] = value
+        for meta in out.values():
+            if meta.get("inbox"):
+                base = self.state or Path(json.loads(meta.get("state", '"."')))
+                inbox = resolve_typed_path(json.loads(meta["inbox"]), base)
+                meta["inbox"] = json.dumps(str(inbox))
+        return out
+
+    # --- status: counts of a cell or the plant --------------------------------------------------
+    def printer_status(self) -> list[dict]:
+        """Per printer: its current job, layers scored and failed, latest score, verdict."""
+        where, p = self._cell("p")
+        sql = f"""
+SELECT p.cell AS cell, p.name AS printer, j.name AS job, j.id AS job_id, j.status AS job_status,
+  j.level AS level,
+  (SELECT COUNT(*) FROM layers l WHERE l.job_id = j.id AND l.status = 'scored') AS layers_scored,
+  (SELECT COUNT(*) FROM layers l WHERE l.job_id = j.id AND l.status = 'failed') AS layers_failed,
+  (SELECT score FROM layers l WHERE l.job_id = j.id AND l.status = 'scored'
+     ORDER BY l.id DESC LIMIT 1) AS latest_score,
+  (SELECT level FROM decisions d WHERE d.job_id = j.id AND d.kind = 'FINAL') AS final
+FROM printers p LEFT JOIN jobs j ON j.id = p.current_job WHERE {where} ORDER BY p.cell, p.name
+"""
+        return [dict(r) for r in self.execute(sql, p)]
+
+    def totals(self) -> dict:
+        """Counts of layers, jobs, verdicts, actions and errors."""
+        cj, p = self._cell("j")
+        via_job = f"JOIN jobs j ON j.id = {{}}.job_id WHERE {cj} AND "
+        d_, l_ = via_job.format("d"), via_job.format("l")
+        count = {
+            "layers_scored": f"FROM layers l {l_} l.status = 'scored'",
+            "layers_failed": f"FROM layers l {l_} l.status = 'failed'",
+            "jobs": f"FROM jobs j WHERE {cj}",
+            "jobs_open": f"FROM jobs j WHERE {cj} AND j.status = 'open'",
+            "rejects": f"FROM decisions d {d_} d.kind = 'FINAL' AND d.level = 'REJECT'",
+            "warns": f"FROM decisions d {d_} d.kind = 'FINAL' AND d.level = 'WARN'",
+            "decisions": f"FROM decisions d {d_} 1 = 1",
+            "actions_failed": f"FROM actions a JOIN decisions d ON d.id = a.decision_id {d_} "
+            "a.status = 'failed'",
+            # started and never finished (the watcher died meanwhile): may have run, not rerun
+            "actions_unknown": f"FROM actions a JOIN decisions d ON d.id = a.decision_id {d_} "
+            "a.status = 'unknown'",
+            "errors": f"FROM errors j WHERE {cj}",
+        }
+        return {k: self.scalar(f"SELECT COUNT(*) {sql}", p) for k, sql in count.items()}
 
     # --- writes (inside ``transaction`` unless said) ------------------------------------------
     def open_job(self, printer: str, name: str, now: float) -> int:
-        cur = self.db.execute(
-            "INSERT INTO jobs (printer, name, status, opened_at, last_at) "
-            "VALUES (?, ?, 'open', ?, ?)",
-            (printer, name, now, now),
+        job_id = self.insert_id(
+            "INSERT INTO jobs (cell, printer, name, status, opened_at, last_at) "
+            "VALUES (?, ?, ?, 'open', ?, ?) RETURNING id",
+            (self.cell, printer, name, now, now),
         )
-        self.db.execute(
-            "INSERT INTO printers (name, current_job) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET current_job = excluded.current_job",
-            (printer, cur.lastrowid),
+        self.execute(
+            "INSERT INTO printers (cell, name, current_job) VALUES (?, ?, ?) "
+            "ON CONFLICT(cell, name) DO UPDATE SET current_job = excluded.current_job",
+            (self.cell, printer, job_id),
         )
-        return int(cur.lastrowid)
+        return int(job_id)
 
     def close_job(self, job_id: int, reason: str, now: float) -> None:
         sql = "UPDATE jobs SET status = 'closed', closed_at = ?, end_reason = ? WHERE id = ?"
-        self.db.execute(sql, (now, reason, job_id))
+        self.execute(sql, (now, reason, job_id))
 
     def touch_job(self, job_id: int, now: float, level: str) -> None:
-        self.db.execute("UPDATE jobs SET last_at = ?, level = ? WHERE id = ?", (now, level, job_id))
+        self.execute("UPDATE jobs SET last_at = ?, level = ? WHERE id = ?", (now, level, job_id))
 
     def insert_layer(self, job_id: int, layer: int, result, model_sha: str, now: float) -> None:
         """Record a scored or failed layer (``result``: a scoring.LayerResult)."""
         a, s = result.arrival, result.score
         cols = dict(
-            job_id=job_id, rel=a.rel, layer=layer, size=a.size, mtime=a.mtime,
+            cell=self.cell, job_id=job_id, rel=a.rel, layer=layer, size=a.size, mtime=a.mtime,
             sha256=result.sha256, status=result.status, error=result.error, note=result.note,
             model_sha=model_sha, done_at=now,
         )  # fmt: skip
@@ -288,31 +454,53 @@ class Store:
                 map_peak=float(s.defect_map.max()), map_mean=float(s.defect_map.mean()),
                 map=m.tobytes(), map_h=m.shape[0], map_w=m.shape[1],
             )  # fmt: skip
-        names = ", ".join(cols)
-        self.db.execute(
-            f"INSERT INTO layers ({names}) VALUES ({', '.join('?' * len(cols))})",
-            tuple(cols.values()),
-        )
+        self.insert_row("layers", cols)
+
+    def insert_row(self, table: str, cols: dict, returning: str | None = "id") -> int | None:
+        """Insert one row of ``table`` (names from this module, values as parameters)."""
+        names, marks = ", ".join(cols), ", ".join("?" * len(cols))
+        sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"
+        if returning is None:
+            self.execute(sql, tuple(cols.values()))
+            return None
+        return self.insert_id(f"{sql} RETURNING {returning}", tuple(cols.values()))
+
+    def table_rows(self, table: str) -> list[dict]:
+        """Every row of one of this module's tables in this cell, in id order (for copies)."""
+        if table in ("decisions", "actions", "reviews"):
+            where, p = self._cell("j")
+            key = {"decisions": "t.job_id", "reviews": "t.job_id"}.get(table)
+            on = key or "(SELECT d.job_id FROM decisions d WHERE d.id = t.decision_id)"
+            sql = (
+                f"SELECT t.* FROM {table} t JOIN jobs j ON j.id = {on} WHERE {where} ORDER BY t.id"
+            )
+        else:
+            where, p = self._cell()
+            order = "id" if table not in ("meta", "printers") else "1, 2"
+            sql = f"SELECT * FROM {table} WHERE {where} ORDER BY {order}"
+        return [dict(r) for r in self.execute(sql, p)]
+
+    def move_ids_past(self, table: str, value: int) -> None:
+        """New ids of ``table`` start above ``value`` (SQLite: they already follow the largest)."""
 
     def add_decision(
         self, job_id: int, kind: str, level: str, record: dict, now: float
     ) -> int | None:
         """Insert a decision once (None if this job already has it); its id goes into the record."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO decisions (job_id, kind, level, record, created_at) "
-            "VALUES (?, ?, ?, '{}', ?)",
+        did = self.insert_id(
+            "INSERT INTO decisions (job_id, kind, level, record, created_at) "
+            "VALUES (?, ?, ?, '{}', ?) ON CONFLICT DO NOTHING RETURNING id",
             (job_id, kind, level, now),
         )
-        if cur.rowcount == 0:
+        if did is None:
             return None
-        did = int(cur.lastrowid)
         record = {"decision_id": did, **record}
-        self.db.execute("UPDATE decisions SET record = ? WHERE id = ?", (json.dumps(record), did))
+        self.execute("UPDATE decisions SET record = ? WHERE id = ?", (json.dumps(record), did))
         return did
 
     def add_action(self, decision_id: int, name: str) -> None:
-        sql = "INSERT OR IGNORE INTO actions (decision_id, name) VALUES (?, ?)"
-        self.db.execute(sql, (decision_id, name))
+        sql = "INSERT INTO actions (decision_id, name) VALUES (?, ?) ON CONFLICT DO NOTHING"
+        self.execute(sql, (decision_id, name))
 
     # --- single statements (autocommit) -------------------------------------------------------
     def set_flags(self, decision_ids: list[int], flag: str) -> None:
@@ -321,26 +509,33 @@ class Store:
             raise ValueError(flag)
         if decision_ids:
             marks = ",".join("?" * len(decision_ids))
-            self.db.execute(f"UPDATE decisions SET {flag} = 1 WHERE id IN ({marks})", decision_ids)
+            self.execute(f"UPDATE decisions SET {flag} = 1 WHERE id IN ({marks})", decision_ids)
 
     def set_meta(self, **values: object) -> None:
-        self.db.executemany(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [(k, json.dumps(v)) for k, v in values.items()],
+        self.executemany(
+            "INSERT INTO meta (cell, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT(cell, key) DO UPDATE SET value = excluded.value",
+            [(self.cell, k, json.dumps(v)) for k, v in values.items()],
         )
 
     def record_error(self, source: str, message: str) -> None:
-        sql = "INSERT INTO errors (at, source, message) VALUES (?, ?, ?)"
-        self.db.execute(sql, (time.time(), source, message))
+        sql = "INSERT INTO errors (cell, at, source, message) VALUES (?, ?, ?, ?)"
+        self.execute(sql, (self.cell, time.time(), source, message))
         self.set_meta(last_error=message, last_error_at=time.time())
 
+    def _actions_of_cell(self) -> tuple[str, tuple]:
+        where, p = self._cell("j")
+        sub = f"SELECT d.id FROM decisions d JOIN jobs j ON j.id = d.job_id WHERE {where}"
+        return f"decision_id IN ({sub})", p
+
     def pending_actions(self) -> list[PendingAction]:
+        where, p = self._actions_of_cell()
         sql = (
             "SELECT a.id, a.name, a.attempts, d.record FROM actions a "
-            "JOIN decisions d ON d.id = a.decision_id WHERE a.status = 'pending' ORDER BY a.id"
+            "JOIN decisions d ON d.id = a.decision_id "
+            f"WHERE a.status = 'pending' AND a.{where} ORDER BY a.id"
         )
-        return [PendingAction(r[0], r[1], r[2], json.loads(r[3])) for r in self.db.execute(sql)]
+        return [PendingAction(r[0], r[1], r[2], json.loads(r[3])) for r in self.execute(sql, p)]
 
     def start_action(self, action_id: int) -> bool:
         """Commit the intent to run a pending action (before it runs); False if not pending."""
@@ -348,7 +543,7 @@ class Store:
             "UPDATE actions SET status = 'running', started_at = ? "
             "WHERE id = ? AND status = 'pending'"
         )
-        return self.db.execute(sql, (time.time(), action_id)).rowcount == 1
+        return self.execute(sql, (time.time(), action_id)).rowcount == 1
 
     def unstart_action(self, action_id: int) -> None:
         """An action marked running that never started (its thread was cancelled)."""
@@ -356,19 +551,30 @@ class Store:
             "UPDATE actions SET status = 'pending', started_at = NULL "
             "WHERE id = ? AND status = 'running'"
         )
-        self.db.execute(sql, (action_id,))
+        self.execute(sql, (action_id,))
 
     def interrupted_actions(self) -> list[int]:
-        """After a crash: actions that were started and never finished, now marked 'unknown'
-        (they may have run; they are not run again: their receiver has the idempotency key)."""
+        """After a crash: this cell's actions that were started and never finished, now marked
+        'unknown' (they may have run; they are not run again: their receiver has the
+        idempotency key)."""
+        where, p = self._actions_of_cell()
         with self.transaction():
-            ids = [r[0] for r in self.db.execute("SELECT id FROM actions WHERE status = 'running'")]
-            self.db.execute(
+            ids = [r[0] for r in self.execute(
+                f"SELECT id FROM actions WHERE status = 'running' AND {where}", p
+            )]  # fmt: skip
+            self.execute(
                 "UPDATE actions SET status = 'unknown', done_at = ?, error = ? "
-                "WHERE status = 'running'",
-                (time.time(), "the watcher stopped while it ran: it may have run"),
+                f"WHERE status = 'running' AND {where}",
+                (time.time(), "the watcher stopped while it ran: it may have run", *p),
             )
         return ids
+
+    def finish_action(self, action_id: int, status: str, attempts: int, error: str | None) -> None:
+        sql = (
+            "UPDATE actions SET status = ?, attempts = ?, error = ?, done_at = ? "
+            "WHERE id = ? AND status = 'running'"
+        )
+        self.execute(sql, (status, attempts, error, time.time(), action_id))
 
     # --- QA reviews (append-only; the latest review of a layer is its current decision) -------
     def add_review(
@@ -377,59 +583,51 @@ class Store:
         """Append a review of a layer; it supersedes the layer's previous one (kept as history).
 
         Values are checked by ``inspect3d.review.decisions``; here only the layer must exist.
+        Two reviewers at once: the layer's row is locked, so each review supersedes the other.
         """
         with self.transaction():
-            row = self.db.execute("SELECT job_id FROM layers WHERE id = ?", (layer_id,)).fetchone()
+            sql = f"SELECT job_id FROM layers WHERE id = ?{self.lock_row}"
+            row = self.execute(sql, (layer_id,)).fetchone()
             if row is None:
                 raise KeyError(layer_id)
-            prev = self.db.execute(
-                "SELECT MAX(id) FROM reviews WHERE layer_id = ?", (layer_id,)
-            ).fetchone()[0]
-            cur = self.db.execute(
+            prev = self.scalar("SELECT MAX(id) FROM reviews WHERE layer_id = ?", (layer_id,))
+            return int(self.insert_id(
                 "INSERT INTO reviews (layer_id, job_id, decision, reason, note, reviewer, at, "
-                "supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (layer_id, row[0], decision, reason, note, reviewer, now, prev),
-            )
-        return int(cur.lastrowid)
+            ))  # fmt: skip
 
-    def current_reviews(self) -> dict[int, sqlite3.Row]:
-        """The latest review of every reviewed layer, by layer id."""
+    def current_reviews(self) -> dict[int, dict]:
+        """The latest review of every reviewed layer (of the cell or plant), by layer id."""
+        where, p = self._cell("j")
         sql = (
-            "SELECT r.* FROM reviews r WHERE r.id = "
-            "(SELECT MAX(id) FROM reviews WHERE layer_id = r.layer_id)"
+            "SELECT r.* FROM reviews r JOIN jobs j ON j.id = r.job_id WHERE r.id = "
+            f"(SELECT MAX(id) FROM reviews WHERE layer_id = r.layer_id) AND {where}"
         )
-        return {r["layer_id"]: r for r in self.db.execute(sql)}
+        return {r["layer_id"]: dict(r) for r in self.execute(sql, p)}
 
-    def review_history(self, layer_id: int) -> list[sqlite3.Row]:
+    def review_history(self, layer_id: int) -> list[dict]:
         """Every review of a layer, newest first."""
         sql = "SELECT * FROM reviews WHERE layer_id = ? ORDER BY id DESC"
-        return self.db.execute(sql, (layer_id,)).fetchall()
+        return [dict(r) for r in self.execute(sql, (layer_id,))]
 
-    def job_reviews(self, job_id: int) -> list[sqlite3.Row]:
+    def job_reviews(self, job_id: int) -> list[dict]:
         """Every review of a job's layers, newest first."""
         sql = "SELECT * FROM reviews WHERE job_id = ? ORDER BY id DESC"
-        return self.db.execute(sql, (job_id,)).fetchall()
-
-    def finish_action(self, action_id: int, status: str, attempts: int, error: str | None) -> None:
-        sql = (
-            "UPDATE actions SET status = ?, attempts = ?, error = ?, done_at = ? "
-            "WHERE id = ? AND status = 'running'"
-        )
-        self.db.execute(sql, (status, attempts, error, time.time(), action_id))
+        return [dict(r) for r in self.execute(sql, (job_id,))]
 
     def store_id(self) -> str:
-        """A random id of this state folder, made once: with a decision id it keys actions
-        uniquely across cells (two watchers both have a decision 1)."""
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        """A random id of this cell's history, made once: with a decision id it keys actions
+        uniquely across cells (two SQLite cells both have a decision 1)."""
+        sql = "SELECT value FROM meta WHERE cell = ? AND key = 'store_id'"
+        row = self.execute(sql, (self.cell,)).fetchone()
         if row is not None:
             return json.loads(row[0])
-        sid = uuid.uuid4().hex[:12]
-        self.db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (json.dumps(sid),)
+        self.execute(
+            "INSERT INTO meta (cell, key, value) VALUES (?, 'store_id', ?) ON CONFLICT DO NOTHING",
+            (self.cell, json.dumps(uuid.uuid4().hex[:12])),
         )
-        return json.loads(
-            self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
-        )
+        return json.loads(self.execute(sql, (self.cell,)).fetchone()[0])
 
 
 def decode_map(row: LayerRow) -> np.ndarray:
