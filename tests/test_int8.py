@@ -54,6 +54,15 @@ def test_int8_scores_only_where_measured_faster_at_every_batch(runtime, cpu_clas
     assert int8_verdict({}, runtime, "none")[0] is False  # not measured, no VNNI/AMX
 
 
+def test_int8_that_loses_more_than_a_point_of_accuracy_is_never_used():
+    worse = {**SPEED, "check": {"fp32": 0.90, "int8": 0.88}}
+    for cpu_class in ("none", "vnni", "amx"):
+        pays, why = int8_verdict(worse, "openvino", cpu_class)
+        assert pays is False and "2.0 points less accurate" in why
+    close = {**SPEED, "check": {"fp32": 0.90, "int8": 0.895}}  # half a point: speed decides
+    assert int8_verdict(close, "openvino", "none")[0] is True
+
+
 def _set_speed(path, speed: dict) -> None:
     model = onnx.load(str(path))
     for prop in model.metadata_props:

@@ -12,7 +12,10 @@ import torch
 from inspect3d.data.manifest import scan_folder
 from inspect3d.errors import InspectError
 from inspect3d.infer import OnnxModel
+from inspect3d.infer.cpu import int8_class
+from inspect3d.infer.int8 import int8_verdict
 from inspect3d.infer.metadata import ModelMeta
+from inspect3d.infer.providers import choose_runtime
 from inspect3d.models import ScoringNet
 from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.run import train
@@ -203,8 +206,11 @@ def test_int8_quantisation_writes_a_checked_model(tiny_run, tmp_path, capsys):
     )
     assert paths == [out, tmp_path / "m.int8.onnx"]
     assert "int8 check" in capsys.readouterr().out
-    model = OnnxModel.load(paths[1])
-    assert model.meta.quantization == "int8-qdq-static"
+    props = {p.key: p.value for p in onnx.load(str(paths[1])).metadata_props}
+    assert props["quantization"] == "int8-qdq-static" and "int8_speed" in props
+    pays, _ = int8_verdict(json.loads(props["int8_speed"]), choose_runtime("auto"), int8_class())
+    model = OnnxModel.load(paths[1])  # int8 only where it was measured to pay, else m.onnx
+    assert model.path == str(paths[1] if pays else paths[0])
     ops = {n.op_type for n in onnx.load(str(paths[1])).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
 

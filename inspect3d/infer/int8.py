@@ -4,10 +4,15 @@ The exporter (``export.quantize``) times the int8 model against fp32 with each r
 at the batch sizes ``BATCHES`` and writes into the int8 model's metadata ``int8_speed``::
 
     {"cpu": "AMD EPYC ...", "flags": "avx2 fma", "int8_class": "none",
-     "speedup": {"onnxruntime": {"1": 0.93, "8": 1.35, "16": 1.3}, "openvino": {...}}}
+     "speedup": {"onnxruntime": {"1": 0.93, "8": 1.35, "16": 1.3}, "openvino": {...}},
+     "check": {"fp32": 0.91, "int8": 0.905, "agreement": 0.99, "same_decision": 0.98}}
 
-(speed-up = fp32 time / int8 time, medians). Loading an int8 model on a CPU then decides, for
-the runtime that scores:
+(speed-up = fp32 time / int8 time, medians; check = validation accuracy of each, same class,
+same decision at the threshold). Loading an int8 model on a CPU then decides, for the runtime
+that scores:
+
+- int8 more than ``MAX_ACCURACY_LOSS`` (1 point) less accurate than fp32 on the validation
+  layers: fp32, on every CPU;
 
 - measured with this runtime on a CPU of the same int8 class (``cpu.int8_class``: none, vnni,
   amx): int8 iff it was at least as fast as fp32 at *every* batch size measured;
@@ -30,11 +35,14 @@ from inspect3d.infer.metadata import ModelMeta
 log = logging.getLogger(__name__)
 
 BATCHES = (1, 8, 16)  # predict's default batch, and the watcher's (8 and 16)
+MAX_ACCURACY_LOSS = 0.01
 SUFFIX = ".int8.onnx"
 
 
 def int8_verdict(speed: dict, runtime: str, cpu_class: str) -> tuple[bool, str]:
     """(whether int8 pays, why) for ``runtime`` on a CPU of ``cpu_class``."""
+    if lost := accuracy_loss(speed):
+        return False, f"int8 is {100 * lost:.1f} points less accurate than fp32 on validation"
     same_class = speed.get("int8_class") == cpu_class
     measured = speed.get("speedup", {}).get(runtime) if same_class else None
     if measured:
@@ -45,6 +53,15 @@ def int8_verdict(speed: dict, runtime: str, cpu_class: str) -> tuple[bool, str]:
     if cpu_class != "none":
         return True, f"this CPU has {cpu_class.upper()} int8 instructions ({runtime} not measured)"
     return False, f"this CPU has no VNNI/AMX and {runtime} was not measured faster in int8 here"
+
+
+def accuracy_loss(speed: dict) -> float | None:
+    """fp32 - int8 validation accuracy where above ``MAX_ACCURACY_LOSS``, else None."""
+    check = speed.get("check") or {}
+    fp32, int8 = check.get("fp32"), check.get("int8")
+    if fp32 is None or int8 is None or fp32 - int8 <= MAX_ACCURACY_LOSS:
+        return None
+    return fp32 - int8
 
 
 def fp32_sibling(path: Path) -> Path | None:

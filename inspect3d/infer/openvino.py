@@ -75,7 +75,7 @@ class OpenVinoSession:
         try:
             model = core.read_model(path)
         except Exception as exc:  # OpenVINO's own error types
-            raise InspectError(f"OpenVINO cannot read {path!r}: {exc}") from exc
+            raise InspectError(f"OpenVINO cannot load {path!r}: {exc}") from exc
         self._meta = _Meta(_metadata(model))
         self._inputs = [_Port(p.get_any_name(), _shape(p)) for p in model.inputs]
         self._outputs = [_Port(p.get_any_name(), _shape(p)) for p in model.outputs]
