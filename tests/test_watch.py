@@ -403,7 +403,7 @@ def test_simulate_watch_status_commands(tmp_path, exported, synth_dir):
     assert s["rejects"] == 4
     for p in s["printers"].values():
         assert {"job", "layers_scored", "layers_failed", "decision"} <= set(p)
-    assert s["health"]["provider"] == OnnxModel.load(exported).providers[0]  # auto's choice
+    assert s["health"]["provider"] == OnnxModel.load(exported).runtime  # auto's choice
 
 
 def test_cli_errors_name_the_bad_value(tmp_path, exported):

@@ -41,7 +41,7 @@ from inspect3d.watch.scoring import LayerResult, Limits, score_batch
 from inspect3d.watch.store import STORE_ERRORS, Store
 
 log = logging.getLogger(__name__)
-DB_NAME, LOG_NAME, LOCK_NAME = "watch.db", "watch.log", "watch.lock"
+LOG_NAME, LOCK_NAME = "watch.log", "watch.lock"
 INBOX_LOCK = ".inspect3d-watch.lock"
 RELOAD_REQUEST = "reload.request"
 
@@ -192,7 +192,7 @@ class Watcher:
             self.book.model = self._stamp()
         self._try_meta(
             model=model.path, model_sha=sha, model_name=model.meta.model_name,
-            provider=model.providers[0], threshold=model.threshold,
+            provider=model.runtime, threshold=model.threshold,
             map_threshold=model.map_threshold, roi=model.meta.roi,
             policy=self.cfg.policy.version(),
         )  # fmt: skip
