@@ -64,6 +64,7 @@ class Cluster:
     data: Path
     port: int
     runas: list[str]  # ["runuser", "-u", "nobody", "--"] under root, else []
+    durable: bool = False  # fsync on (benchmarks); the tests need no crash safety of the disk
 
     def pg_ctl(self, *args: str) -> None:
         log = self.data.parent / "server.log"
@@ -72,7 +73,8 @@ class Cluster:
 
     def start(self) -> None:
         sock = self.data.parent
-        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {sock} -c fsync=off"
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {sock}"
+        opts += "" if self.durable else " -c fsync=off"
         self.pg_ctl("-w", "-o", opts, "start")
 
     def stop(self) -> None:
@@ -92,7 +94,7 @@ class Cluster:
         return self.url(name)
 
 
-def make_cluster() -> Cluster:
+def make_cluster(durable: bool = False) -> Cluster:
     """A running cluster in a new temp folder (stop it and remove the folder when done)."""
     bindir = server_bin()
     if bindir is None:
@@ -107,7 +109,7 @@ def make_cluster() -> Cluster:
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
     (root / "pw").write_text(PASSWORD + "\n")
     os.chmod(root / "pw", 0o644)
-    cluster = Cluster(bindir, root / "data", free_port(), runas)
+    cluster = Cluster(bindir, root / "data", free_port(), runas, durable)
     initdb = [*runas, str(bindir / "initdb"), "-D", str(cluster.data), "-U", USER]
     initdb += ["--pwfile", str(root / "pw"), "--auth-host=scram-sha-256", "--auth-local=trust"]
     subprocess.run(initdb, check=True, capture_output=True, timeout=120)

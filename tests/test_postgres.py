@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_watch import layer_images, make_cfg, put
 
+from inspect3d.cli import main as inspect3d_main
 from inspect3d.errors import InspectError
 from inspect3d.review import decisions, shop
 from inspect3d.review.dataset import export_reviews
@@ -98,8 +99,9 @@ def test_schema_version_upgrade_and_reviews_refuse_update_and_delete(pg_url):
     assert PASSWORD not in str(err.value)
 
 
-def test_a_cell_has_one_writer_and_a_dead_server_is_named(pg_cluster, pg_url):
-    a = open_store(None, pg_url, "c1")
+def test_a_cell_has_one_writer_and_a_dead_server_is_named(pg_cluster, pg_url, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)  # the password from the environment, not the URL
+    a = open_store(None, pg_url.replace(f":{PASSWORD}@", "@"), "c1")
     try:
         a.hold_cell()
         b = open_store(None, pg_url, "c1")
@@ -115,7 +117,7 @@ def test_a_cell_has_one_writer_and_a_dead_server_is_named(pg_cluster, pg_url):
 
 # --- many watchers, one history, one QA queue ---------------------------------------------------
 def test_watchers_of_two_cells_write_one_database_and_qa_sees_the_plant(
-    pg_url, exported, synth_dir, tmp_path
+    pg_url, exported, synth_dir, tmp_path, capsys
 ):
     cfgs = [plant_cfg(tmp_path, exported, pg_url, cell) for cell in ("east", "west")]
     files = {c.cell: fill(c, synth_dir) for c in cfgs}  # both cells have a printer p1, job j0
@@ -160,6 +162,9 @@ def test_watchers_of_two_cells_write_one_database_and_qa_sees_the_plant(
     review_page_on_all_addresses_needs_its_token(pg_url)
     out = export_reviews(None, tmp_path / "reviewed.csv", db=pg_url)
     assert out.rows == 1
+    assert inspect3d_main(["status", f"db={pg_url}", "cell=west", "--jobs"]) == 0
+    text = capsys.readouterr().out
+    assert "west/p1" in text and "east/p1" not in text and PASSWORD not in text
 
 
 def two_reviewers_on_one_layer(url: str, s: shop.Shop) -> None:
