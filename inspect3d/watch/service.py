@@ -41,7 +41,7 @@ from inspect3d.watch.scoring import LayerResult, Limits, score_batch
 from inspect3d.watch.store import STORE_ERRORS, Store
 
 log = logging.getLogger(__name__)
-DB_NAME, LOG_NAME, LOCK_NAME = "watch.db", "watch.log", "watch.lock"
+LOG_NAME, LOCK_NAME = "watch.log", "watch.lock"
 INBOX_LOCK = ".inspect3d-watch.lock"
 RELOAD_REQUEST = "reload.request"
 
