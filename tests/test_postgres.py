@@ -7,6 +7,7 @@ database. Its TCP logins need a password, so every URL here carries one: it must
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.db import copy_cell, open_store, shown_url
 from inspect3d.watch.service import Watcher
 from inspect3d.watch.status import jobs, summary
-from inspect3d.watch.store import SCHEMA_VERSION
+from inspect3d.watch.store import SCHEMA_VERSION, SQLITE_SCHEMA_V1
 
 from pgcluster import PASSWORD, require_psycopg
 
@@ -72,6 +73,26 @@ def test_urls_are_checked_and_never_shown_with_their_password():
     assert "secret" not in repr(
         WatchConfig(model="m", inbox="i", state="s", db="postgresql://u:secret@h/d", cell="c")
     )
+
+
+def test_an_sqlite_file_of_schema_1_is_upgraded_in_place(tmp_path):
+    con = sqlite3.connect(tmp_path / "watch.db")
+    con.executescript(SQLITE_SCHEMA_V1)
+    con.execute("INSERT INTO jobs (printer, name, status) VALUES ('p1', 'j1', 'closed')")
+    con.execute("INSERT INTO layers (job_id, rel, status) VALUES (1, 'p1/j1/a.png', 'scored')")
+    con.execute("INSERT INTO meta (key, value) VALUES ('heartbeat', '1.5')")
+    con.commit()
+    con.close()
+    cmd = [sys.executable, "-m", "inspect3d.cli", "db", "upgrade", f"state={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"schema version {SCHEMA_VERSION}" in r.stdout, r.stderr
+    store = open_store(tmp_path)
+    try:
+        assert store.version() == SCHEMA_VERSION
+        assert [(j.printer, j.cell) for j in store.jobs()] == [("p1", "")]
+        assert store.known_rels() == {"p1/j1/a.png"} and store.meta() == {"heartbeat": "1.5"}
+    finally:
+        store.close()
 
 
 def test_schema_version_upgrade_and_reviews_refuse_update_and_delete(pg_url):

@@ -43,8 +43,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, O
     (psycopg.OperationalError, psycopg.InterfaceError) if psycopg else ()
 )
 SCHEMA_VERSION = 2
-# The cell filter of the readers: ``None`` reads every cell (the plant).
-IN_CELL = "(CAST(? AS TEXT) IS NULL OR {t}cell = ?)"
 
 SQLITE_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -279,8 +277,11 @@ class Store:
         self.db.execute("COMMIT")
 
     def _cell(self, table: str = "") -> tuple[str, tuple]:
-        """The SQL and parameters that keep a query to this store's cell (all when None)."""
-        return IN_CELL.format(t=f"{table}." if table else ""), (self.cell, self.cell)
+        """The SQL and parameters that keep a query to this store's cell (all when None); the
+        parameters go last (an equality, so the cell's indexes serve the watcher's queries)."""
+        if self.cell is None:
+            return "1 = 1", ()
+        return f"{table}{'.' if table else ''}cell = ?", (self.cell,)
 
     # --- reads -------------------------------------------------------------------------------
     def known_rels(self) -> set[str]:

@@ -27,6 +27,7 @@ from inspect3d.watch.store import SCHEMA_VERSION, Store
 log = logging.getLogger(__name__)
 UPGRADE_LOCK = 4_731_100  # advisory lock key: one upgrade at a time
 CELL_LOCKS = 4_731_101  # advisory lock class of the cells (with hashtext(cell))
+CONNECT_S = 10  # a server that does not answer is an outage after this long, not a hang
 
 PG_SCHEMA = """
 CREATE TABLE meta (cell TEXT NOT NULL, key TEXT NOT NULL, value TEXT, PRIMARY KEY (cell, key));
@@ -63,6 +64,10 @@ CREATE TABLE reviews (
   decision TEXT NOT NULL, reason TEXT NOT NULL, note TEXT NOT NULL DEFAULT '',
   reviewer TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, supersedes BIGINT REFERENCES reviews(id));
 CREATE INDEX reviews_by_layer ON reviews (layer_id, id);
+CREATE INDEX jobs_by_status ON jobs (cell, status, id);
+CREATE INDEX decisions_by_job ON decisions (job_id, id);
+CREATE INDEX actions_by_status ON actions (status, decision_id);
+CREATE INDEX errors_by_cell ON errors (cell, id);
 CREATE FUNCTION reviews_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
   BEGIN RAISE EXCEPTION 'reviews are append-only: add a new review instead'; END $$;
 CREATE TRIGGER reviews_no_change BEFORE UPDATE OR DELETE ON reviews
@@ -125,7 +130,10 @@ class PgStore(Store):
 
     def _connect(self) -> psycopg.Connection:
         try:
-            return psycopg.connect(self.conninfo, autocommit=True, row_factory=rows)
+            return psycopg.connect(
+                self.conninfo, autocommit=True, row_factory=rows, connect_timeout=CONNECT_S,
+                application_name=f"inspect3d {self.cell or 'reader'}"[:63],
+            )  # fmt: skip
         except psycopg.OperationalError as exc:
             if self.lost_at is not None:
                 raise  # still down: the watcher waits and retries
