@@ -186,6 +186,9 @@ def test_watchers_of_two_cells_write_one_database_and_qa_sees_the_plant(
     assert inspect3d_main(["status", f"db={pg_url}", "cell=west", "--jobs"]) == 0
     text = capsys.readouterr().out
     assert "west/p1" in text and "east/p1" not in text and PASSWORD not in text
+    assert inspect3d_main(["status", f"db={pg_url}"]) == 0
+    text = capsys.readouterr().out
+    assert "health east: not running" in text and "health west: not running" in text
 
 
 def two_reviewers_on_one_layer(url: str, s: shop.Shop) -> None:

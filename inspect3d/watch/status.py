@@ -130,20 +130,25 @@ def format_text(s: dict) -> str:
             f"{name:<14} {str(p['job']):<20} {p['layers_scored']:>6} {p['layers_failed']:>6} "
             f"{latest:>7}  {p['decision']} ({state})"
         )
-    h = s["health"]
     lines.append(
         f"total: {s['layers_scored']} layers scored, {s['layers_failed']} failed, "
         f"{s['jobs']} jobs, "
         f"{s['rejects']} rejected, {s['warns']} warned, {s['errors']} errors, "
         f"{s['actions_unknown']} actions that may have run"
     )
-    lines.append(
-        f"health: {'running' if h.get('running') else 'not running'}, "
+    plant = s.get("db") is not None and s.get("cell") is None
+    cells = s["cells"].items() if plant else [("", s["health"])]
+    lines += [f"health{f' {c}' if c else ''}: {_health_text(h)}" for c, h in cells]
+    return "\n".join(lines)
+
+
+def _health_text(h: dict) -> str:
+    return (
+        f"{'running' if h.get('running') else 'not running'}, "
         f"model {h.get('model')} ({str(h.get('model_sha'))[:12]}) on {h.get('provider')}, "
         f"queue {h.get('queue_depth')}, heartbeat {h.get('seconds_since_heartbeat')} s ago, "
         f"last error: {h.get('last_error')}"
     )
-    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
