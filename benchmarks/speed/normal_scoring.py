@@ -432,7 +432,8 @@ def report(res: dict) -> str:
             "OpenVINO columns: the same ONNX graphs on OpenVINO (2 threads), interleaved in a "
             "loop of their own after onnxruntime's (in one loop OpenVINO's threads slowed the "
             "onnxruntime calls after them); its search / backbone ratio is within its loop, "
-            "onnxruntime / OpenVINO compares the two loops.",
+            "onnxruntime / OpenVINO compares the two loops, so it carries the load of two "
+            "moments on a shared machine (read it as a rough figure).",
         ]
     return "\n".join(lines)
 

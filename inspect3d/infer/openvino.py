@@ -111,13 +111,13 @@ class OpenVinoSession:
         with self._lock:
             result = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
             outputs = [np.array(result[port]) for port in self._compiled.outputs]
-        if self._reference is not None:
-            self._check(feeds, outputs)
+            reference, self._reference = self._reference, None  # the first batch only
+        if reference is not None:
+            self._check(feeds, outputs, reference)
         return outputs
 
-    def _check(self, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
-        reference, self._reference = self._reference(), None
-        expected = reference.run(None, feeds)
+    def _check(self, feeds: dict, outputs: list[np.ndarray], reference: Callable) -> None:
+        expected = reference().run(None, feeds)
         self.parity = compare_outputs(outputs, expected, self.quantized)
         if not self.parity.ok:
             log.error("%s", self.parity)
