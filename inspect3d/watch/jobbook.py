@@ -5,7 +5,7 @@ the decisions they cause are one ``BEGIN IMMEDIATE`` transaction; the policy sta
 jobs is kept in memory only as a cache of what the store replays on start. Anything unexpected
 while recording one layer or ending one job stays with it: the layer is recorded as failed with
 the exception (or, if even that fails, skipped until restart), the job is left open; both are
-reported through ``errors``. Errors of the store itself (``STORE_ERRORS``: disk full, locked)
+reported through ``errors``. Errors of the store itself (``Store.transient``: disk full, locked)
 propagate, so the loop retries the whole step (after a lost connection, from what is committed:
 ``reload``).
 """
@@ -22,10 +22,9 @@ from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.inbox import Arrival
 from inspect3d.watch.policy import Decision, JobState, LayerObs, replay, step
 from inspect3d.watch.scoring import LayerResult
-from inspect3d.watch.store import TRANSIENT_ERRORS, JobRow, Store
+from inspect3d.watch.store import JobRow, Store
 
 log = logging.getLogger(__name__)
-STORE_ERRORS = TRANSIENT_ERRORS
 States = dict[int, JobState]
 
 
@@ -95,7 +94,7 @@ class JobBook:
             return
         try:
             self._record_batch(results)
-        except STORE_ERRORS:
+        except self.store.transient:
             raise
         except Exception:
             log.exception("a batch of %d layers cannot be recorded; one by one", len(results))
@@ -105,7 +104,7 @@ class JobBook:
     def _record_alone(self, r: LayerResult) -> None:
         try:
             return self._record_batch([r])
-        except STORE_ERRORS:
+        except self.store.transient:
             raise
         except Exception as exc:
             why = f"{r.arrival.rel!r} cannot be recorded as it is: {type(exc).__name__}: {exc}"
@@ -113,7 +112,7 @@ class JobBook:
         failed = LayerResult(replace(r.arrival, layer=None), "failed", r.sha256, error=why)
         try:
             self._record_batch([failed])
-        except STORE_ERRORS:
+        except self.store.transient:
             raise
         except Exception as exc:
             self.errors("layer", f"{why}; nor as failed ({exc}): skipped until restart")
@@ -194,7 +193,7 @@ class JobBook:
             return
         try:
             self._end_batch(ends, now)
-        except STORE_ERRORS:
+        except self.store.transient:
             raise
         except Exception:
             log.exception("%d job ends cannot be recorded together; one by one", len(ends))
@@ -205,7 +204,7 @@ class JobBook:
     def _end_alone(self, end: tuple[str, str, str], now: float) -> None:
         try:
             self._end_batch([end], now)
-        except STORE_ERRORS:
+        except self.store.transient:
             raise
         except Exception as exc:
             job = self.store.job(end[0], end[1])

@@ -18,7 +18,7 @@ from inspect3d.data.layout import text_name
 from inspect3d.watch import journal
 from inspect3d.watch.actions import ActionRunner
 from inspect3d.watch.config import WatchConfig
-from inspect3d.watch.store import STORE_ERRORS, Store, decode_map
+from inspect3d.watch.store import Store, decode_map
 
 log = logging.getLogger(__name__)
 REJECTS_NAME = "rejects.jsonl"
@@ -48,7 +48,7 @@ class Outbox:
             )  # fmt: skip
         try:
             ids = self.store.interrupted_actions()
-        except STORE_ERRORS as exc:
+        except self.store.errors as exc:
             log.error("cannot check for interrupted actions: %s", exc)
             return
         for aid in ids:
@@ -58,7 +58,7 @@ class Outbox:
     def _store_id(self) -> str:
         try:
             return self.store.store_id()
-        except STORE_ERRORS as exc:  # e.g. disk full at start
+        except self.store.errors as exc:  # e.g. disk full at start
             log.error("cannot write the store id (%s); actions keyed without it", exc)
             return "unsaved"
 
@@ -113,7 +113,7 @@ class Outbox:
     def close(self) -> None:
         """Wait for running actions (``timeout_s``); ones that never started stay pending."""
         cancelled = self.actions.close(wait_s=self.cfg.actions.timeout_s)
-        with contextlib.suppress(*STORE_ERRORS):
+        with contextlib.suppress(*self.store.errors):
             for aid in cancelled:
                 self.store.unstart_action(aid)
             self.drain()

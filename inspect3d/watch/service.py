@@ -38,7 +38,7 @@ from inspect3d.watch.inbox import InboxScanner
 from inspect3d.watch.jobbook import JobBook, ModelStamp
 from inspect3d.watch.outbox import Outbox
 from inspect3d.watch.scoring import LayerResult, Limits, score_batch
-from inspect3d.watch.store import STORE_ERRORS, Store
+from inspect3d.watch.store import Store
 
 log = logging.getLogger(__name__)
 LOG_NAME, LOCK_NAME = "watch.log", "watch.lock"
@@ -175,7 +175,7 @@ class Watcher:
         """Health values: a failure (disk full) is logged, not fatal; written again later."""
         try:
             self.store.set_meta(**values)
-        except STORE_ERRORS as exc:
+        except self.store.errors as exc:
             log.error("cannot write health to the store: %s", exc)
 
     def _load_model(self) -> None:
@@ -279,7 +279,7 @@ class Watcher:
     def _error(self, source: str, message: str) -> None:
         """Logged, and recorded for ``status`` unless the database itself is the problem."""
         log.error("%s: %s", source, message)
-        with contextlib.suppress(*STORE_ERRORS):
+        with contextlib.suppress(*self.store.errors):
             self.store.record_error(source, message)
 
     def _note_scan_error(self) -> None:

@@ -29,19 +29,6 @@ import numpy as np
 from inspect3d.data.layout import name_text
 from inspect3d.watch.policy import LayerObs
 
-try:  # the PostgreSQL extra: its errors are store errors too
-    import psycopg
-except ImportError:  # pragma: no cover - the base install
-    psycopg = None
-
-# Errors of the database itself (disk full, locked, server gone): the watcher retries the step.
-STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,) + (
-    (psycopg.Error,) if psycopg else ()
-)
-# Of those, the ones that are not about a layer's own content (a UNIQUE violation is).
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, OSError) + (
-    (psycopg.OperationalError, psycopg.InterfaceError) if psycopg else ()
-)
 SCHEMA_VERSION = 2
 
 SQLITE_SCHEMA_V1 = """
@@ -194,6 +181,10 @@ class Store:
     """
 
     kind = "sqlite"
+    # errors of the database itself (disk full, locked, server gone): the watcher retries
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    # of those, the ones not about a row's own content (a UNIQUE violation is)
+    transient: tuple[type[BaseException], ...] = (sqlite3.OperationalError, OSError)
     begin = "BEGIN IMMEDIATE"  # one writer at a time
     lock_row = ""  # what locks a row read before an insert that depends on it
 

@@ -109,6 +109,8 @@ class PgStore(Store):
     """The store in PostgreSQL at ``conninfo`` (a URL; its password stays in memory)."""
 
     kind = "postgresql"
+    errors = (psycopg.Error,)
+    transient = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
     begin = "BEGIN"
     lock_row = " FOR UPDATE"
 
