@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -64,7 +63,10 @@ def decisions(state: Path) -> dict[int, tuple]:
     return {r[0]: r for r in rows}
 
 
-def test_kill_9_soak_loses_nothing_and_repeats_nothing(tmp_path, exported, synth_dir):
+def test_kill_9_soak_loses_nothing_and_repeats_nothing(tmp_path, exported, synth_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from watch_soak import run_watcher
+
     model = OnnxModel.load(exported)
     peaks = [
         max(s.defect_score for s in model.predict_batch([i.path for i in j.layers]))
@@ -83,10 +85,7 @@ def test_kill_9_soak_loses_nothing_and_repeats_nothing(tmp_path, exported, synth
     writer.start()
     rng, snapshots, counts, kills = random.Random(0), [], [], 0
     while kills < KILLS or writer.is_alive():
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.6, 2.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        run_watcher(cmd, rng.uniform(0.0, 1.4), state)  # killed 0-1.4 s after it is at work
         kills += 1
         snapshots.append(decisions(state))
         counts.append(layer_count(state))

@@ -151,17 +151,29 @@ def watch_command(model: Path, inbox: Path, state: Path, ran: Path, threshold: f
     ]  # fmt: skip
 
 
-def run_watcher(cmd: list, kill_after: float | None) -> tuple[int, int, str]:
+START_GRACE_S = 5.0  # a watcher that has scored nothing by then is killed on its own clock
+
+
+def run_watcher(
+    cmd: list, kill_after: float | None, state: Path | None = None
+) -> tuple[int, int, str]:
     """(exit status, peak RSS in KiB of this watcher process, stderr tail): killed with -9
-    after ``kill_after`` seconds, or run to its end (``until_idle``). The peak is the watcher's
-    own high-water mark (``VmHWM`` of its memory after exec, read while it runs): ``wait4``'s
+    ``kill_after`` seconds after it is at work (with ``state``: from the first layer it
+    stores, or ``START_GRACE_S`` after it starts; its start-up time varies with the machine's
+    load and runtime), or run to its end (``until_idle``). The peak is the watcher's own
+    high-water mark (``VmHWM`` of its memory after exec, read while it runs): ``wait4``'s
     ``ru_maxrss`` would also count the forked copy of this (possibly large) parent process."""
     with tempfile.TemporaryFile() as err:
+        before = None if state is None else layer_count(state)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         peak, start = 0, time.monotonic()
         while proc.poll() is None:
             peak = max(peak, high_water_kib(proc.pid))
-            if kill_after is not None and time.monotonic() - start >= kill_after:
+            if before is not None and (
+                layer_count(state) > before or time.monotonic() - start >= START_GRACE_S
+            ):
+                before, start = None, time.monotonic()  # at work: its life starts now
+            if kill_after is not None and before is None and time.monotonic() - start >= kill_after:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 break
@@ -202,7 +214,7 @@ def soak(
 ) -> dict:
     """Replay with faults while killing the watcher; returns the counts. ``plan``: rounds of
     the data set's jobs, printers, kills at least, seed; each watcher lives a random time in
-    ``life_s`` before its kill -9."""
+    ``life_s`` at work before its kill -9."""
     rounds, printers, kills, seed = plan
     inbox, state, ran = work / "inbox", work / "state", work / "actions_ran.txt"
     inbox.mkdir(parents=True)
@@ -219,7 +231,7 @@ def soak(
     writer.start()
     rng, done, progressed, last, peak = random.Random(seed), 0, 0, 0, 0
     while done < kills or writer.is_alive():
-        _, rss, _ = run_watcher(cmd, rng.uniform(*life_s))
+        _, rss, _ = run_watcher(cmd, rng.uniform(*life_s), state)
         done, peak = done + 1, max(peak, rss)
         now = layer_count(state)
         progressed, last = progressed + (now > last), now
