@@ -133,10 +133,14 @@ class NormalConfig:
     rotations: int = 4
     part_share: float = 0.25
     target_frr: float = 0.01  # false-reject rate the threshold aims at
-    # out-of-fold scores of the good layers set the threshold: one fold per job when there are
-    # 2+ jobs, else few, large contiguous folds, so each held-out block is a stretch of the
-    # build its scorer has not seen (as new layers will be)
+    # out-of-fold scores of the good layers set the threshold; what the folds hold out:
+    # auto = whole jobs when the good layers come from 2+ jobs (at most calib_folds folds),
+    # else regions of the layers (calib_grid x calib_grid, each scored by a scorer fitted on
+    # the others: parts at places it never saw, as in new jobs); job | region | block
+    # (calib_folds contiguous blocks of the layer sequence)
+    calib_by: str = "auto"
     calib_folds: int = 3
+    calib_grid: int = 2
     max_layers: int | None = None  # use at most this many good layers (evenly spaced)
     batch_size: int = 8  # lowered automatically to fit memory_gb
     memory_gb: float | None = None  # memory for a batch of features; default 1/4 of free RAM

@@ -132,31 +132,20 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
         isolated(evaluate_run, compose("eval", [f"run={normal_run}", f"out={tmp_path / 'e.json'}"]))
 
 
-def test_fit_normal_refuses_bad_settings(synth_dir, tmp_path):
-    with pytest.raises(InspectError, match=r"data.normal_class='good' has no layers.*'ok'"):
-        isolated(
-            fit_normal,
-            compose("fit_normal", normal_overrides(synth_dir, "data.normal_class=good")),
-            tmp_path,
-        )
-    with pytest.raises(InspectError, match=r"normal.rotations=-2 is not valid: use 0"):
-        isolated(
-            fit_normal,
-            compose("fit_normal", normal_overrides(synth_dir, "normal.rotations=-2")),
-            tmp_path,
-        )
-    with pytest.raises(InspectError, match=r"normal.method='knn'.*gaussian"):
-        isolated(
-            fit_normal,
-            compose("fit_normal", normal_overrides(synth_dir, "normal.method=knn")),
-            tmp_path,
-        )
-    with pytest.raises(InspectError, match=r"model='resnet18'.*efficientnet_lite0"):
-        isolated(
-            fit_normal,
-            compose("fit_normal", normal_overrides(synth_dir, "model=resnet18")),
-            tmp_path,
-        )
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.normal_class=good", r"data.normal_class='good' has no layers.*'ok'"),
+        ("normal.rotations=-2", r"normal.rotations=-2 is not valid: use 0"),
+        ("normal.method=knn", r"normal.method='knn'.*gaussian"),
+        ("normal.calib_by=layers", r"normal.calib_by='layers'.*'region'"),
+        ("normal.calib_grid=1", r"normal.calib_grid=1 is not valid: use 2 or more"),
+        ("model=resnet18", r"model='resnet18'.*efficientnet_lite0"),
+    ],
+)
+def test_fit_normal_refuses_bad_settings(synth_dir, tmp_path, override, message):
+    with pytest.raises(InspectError, match=message):
+        isolated(fit_normal, compose("fit_normal", normal_overrides(synth_dir, override)), tmp_path)
 
 
 def test_folds_are_contiguous_and_keep_duplicates_together():

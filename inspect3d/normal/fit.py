@@ -5,12 +5,15 @@
 2. The region of interest (``normal.roi``: the build plate; ``auto`` finds it).
 3. Frozen EfficientNet-Lite0 patch features (``inspect3d.normal.features``), in batches sized
    to the memory at hand.
-4. Cross-fitting: the good layers are cut into folds, one per job when the layers come from two
-   or more jobs (each job is then scored as a new job would be), else ``normal.calib_folds``
-   contiguous folds (identical images kept in one fold); each fold is scored by a scorer
-   fitted on the other folds. These out-of-fold scores stand in for new good layers and set
-   the threshold for ``normal.target_frr``; its expected false-reject rate and 95% interval
-   follow from the order statistic (Beta distribution), whatever the score distribution.
+4. Cross-fitting (``normal.calib_by``): every good layer is scored by scorers fitted without
+   it, as a new job's layers will be. With layers of two or more jobs, one fold per job (at
+   most ``normal.calib_folds``): each job is scored by a scorer that saw none of it. With one
+   job, by regions: the layers are cut into ``normal.calib_grid`` x ``calib_grid`` regions and
+   each region of every layer is scored by a scorer fitted on the other regions of all layers,
+   so its parts are shapes at places the scorer never saw (a new job's parts are; contiguous
+   blocks of one job's layers share their parts and set a threshold new jobs exceed). These
+   out-of-fold scores set the threshold for ``normal.target_frr``; its expected false-reject
+   rate and 95% interval follow from the order statistic (Beta distribution).
 5. The final scorer is fitted on all good layers (and their mirrored and rotated views,
    sampled: ``inspect3d.normal.views``), in whitened features by default. With part masks
    (``ROOT/_parts/<layer file name>``, white = part), part and part-outline patches get their
@@ -50,9 +53,12 @@ from inspect3d.normal.views import (
     concat,
     mirror,
     per_view_cap,
+    region_boxes,
+    region_ids,
     rotate_cells,
     rotate_layers,
     sample_patches,
+    turn_ids,
     view_transforms,
 )
 from inspect3d.train.checkpoint import config_hash, save_checkpoint
@@ -63,6 +69,7 @@ log = logging.getLogger(__name__)
 DEFECT_CLASS = "defect"
 MIN_LAYERS = 5
 RESOLUTIONS = ("native", "data")
+CALIB_BY = ("auto", "job", "region", "block")
 FEATURE_BACKBONES = ("efficientnet_lite0",)
 
 
@@ -84,8 +91,11 @@ def fit_normal(cfg: Any, out_dir: str | Path) -> tuple[str, Path]:
     batch = batch_size_for(pre, nc)
     cells = cell_weights(net, parts, len(items), net.features.grid(*pre.size))
     feats, table = good_patches(net, images, cells, nc, batch, device, cfg.seed)
-    folds = calibration_folds(items, images, nc.calib_folds)
-    oof = out_of_fold_scores(net, feats, cells, table, folds, nc, cfg.seed)
+    folds = calibration_folds(items, images, nc)
+    if folds is None:
+        oof = out_of_region_scores(net, feats, cells, table, nc, cfg.seed)
+    else:
+        oof = out_of_fold_scores(net, feats, cells, table, folds, nc, cfg.seed)
     fit_banks(net, table, nc, cfg.seed)
     calib = calibrate(net, oof, nc.target_frr)
     peak = peak_rss_mb()
@@ -119,6 +129,15 @@ def _check_settings(cfg: Any) -> None:
     if cfg.normal.calib_folds < 2:
         raise InspectError(
             f"normal.calib_folds={cfg.normal.calib_folds!r} is not valid: use 2 or more"
+        )
+    if cfg.normal.calib_by not in CALIB_BY:
+        raise InspectError(
+            f"normal.calib_by={cfg.normal.calib_by!r} is not valid: use one of {CALIB_BY}"
+        )
+    if not isinstance(cfg.normal.calib_grid, int) or cfg.normal.calib_grid < 2:
+        raise InspectError(
+            f"normal.calib_grid={cfg.normal.calib_grid!r} is not valid: use 2 or more "
+            "(regions per side of the layer)"
         )
 
 
@@ -244,29 +263,52 @@ def good_patches(
     transforms = view_transforms(nc.mirror, nc.rotations)
     cap = per_view_cap(nc.coreset_pool, len(images), len(transforms))
     gen = torch.Generator().manual_seed(seed)
+    regions = region_ids(len(images), tuple(cells.shape[1:]), nc.calib_grid)
     tables, plain = [], None
     for dims, degrees in transforms:
         layers = rotate_layers(mirror(images, dims), degrees)
         view = extract(net, layers, batch, device, nc.progress)
         plain = view if plain is None else plain
-        tables.append(sample_patches(view, rotate_cells(mirror(cells, dims), degrees), cap, gen))
+        view_cells = rotate_cells(mirror(cells, dims), degrees)
+        view_regions = turn_ids(mirror(regions, dims), degrees)
+        tables.append(sample_patches(view, view_cells, view_regions, cap, gen))
     log.info("%d views of each good layer in the bank's patch table", len(transforms))
     return plain, concat(tables)
 
 
-def calibration_folds(items: list[Item], images: np.ndarray, k: int) -> np.ndarray:
-    """Folds of whole jobs when the good layers come from 2 or more jobs (each fold is then
-    scored as new jobs are: by a scorer that saw none of its jobs), at most ``k`` of them;
-    else ``k`` contiguous folds of the layer sequence."""
-    if _by_job(items):
+def calibration_split(items: list[Item], calib_by: str) -> str:
+    """``job``, ``region`` or ``block``: what the calibration folds hold (``auto``: whole jobs
+    when the good layers come from 2 or more, else regions of the layers)."""
+    if calib_by == "auto":
+        return "job" if _by_job(items) else "region"
+    if calib_by == "job" and not _by_job(items):
+        raise InspectError(
+            "normal.calib_by=job needs good layers of 2 or more known jobs; these come from "
+            f"{len({it.job for it in items})}: use normal.calib_by=auto, region or block"
+        )
+    return calib_by
+
+
+def calibration_folds(items: list[Item], images: np.ndarray, nc: Any) -> np.ndarray | None:
+    """Fold of each layer: whole jobs (at most ``normal.calib_folds`` folds, each scored as
+    new jobs are: by a scorer that saw none of its jobs) or contiguous blocks of the layer
+    sequence; None for the region split (``out_of_region_scores``)."""
+    split = calibration_split(items, nc.calib_by)
+    if split == "region":
+        log.info(
+            "calibrating on %d regions of the layers, each scored by a model fitted on the others",
+            nc.calib_grid**2,
+        )
+        return None
+    if split == "job":
         order = {j: i for i, j in enumerate(dict.fromkeys(it.job for it in items))}
-        n_folds = min(len(order), k)
+        n_folds = min(len(order), nc.calib_folds)
         log.info(
             "calibrating on %d jobs in %d folds, each scored by a model fitted on the others",
             len(order), n_folds,
         )  # fmt: skip
         return np.array([order[it.job] * n_folds // len(order) for it in items])
-    return fold_ids(images, min(k, len(items)))
+    return fold_ids(images, min(nc.calib_folds, len(items)))
 
 
 def fold_ids(images: np.ndarray, k: int) -> np.ndarray:
@@ -370,6 +412,34 @@ def out_of_fold_scores(
                 powder[i], part[i] = net.raw_maps(feats[i : i + 1])
     powder = torch.cat(powder)
     part = None if net.part_scorer is None else torch.cat(part)
+    return _layer_distances(net, powder, part, cells)
+
+
+def out_of_region_scores(
+    net: NormalNet, feats: torch.Tensor, cells: torch.Tensor, table: PatchTable, nc: Any, seed: int
+) -> np.ndarray:
+    """Layer distance of every good layer, each region of its map (``normal.calib_grid``)
+    measured by a scorer fitted on the patches of the other regions of all layers (and of
+    their views): the stitched maps are what the layers' parts and powder would score at
+    places the scorer had never seen them."""
+    powder, part = torch.zeros(len(feats), 1, *feats.shape[-2:]), None
+    if net.part_scorer is not None:
+        part = torch.zeros_like(powder)
+    for i, (rows, cols) in enumerate(region_boxes(tuple(feats.shape[-2:]), nc.calib_grid)):
+        fit_banks(net, table.outside(i), nc, seed)
+        with torch.inference_mode():
+            for j in range(len(feats)):
+                pw, pt = net.raw_maps(feats[j : j + 1, :, rows, cols])
+                powder[j, :, rows, cols] = pw[0]
+                if part is not None:
+                    part[j, :, rows, cols] = pt[0]
+    return _layer_distances(net, powder, part, cells)
+
+
+def _layer_distances(
+    net: NormalNet, powder: torch.Tensor, part: torch.Tensor | None, cells: torch.Tensor
+) -> np.ndarray:
+    """Out-of-fold raw maps -> layer distances (setting the part scale first, if any)."""
     if part is not None:
         net.part_scale.fill_(part_scale(powder, part, cells))
     with torch.inference_mode():
@@ -441,8 +511,8 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
         "n": len(items),
         "n_normal": len(items),
         "n_defect": 0,
-        "n_folds": len(set(folds.tolist())),
-        "folds_by": "job" if _by_job(items) else "block",
+        "n_folds": cfg.normal.calib_grid**2 if folds is None else len(set(folds.tolist())),
+        "folds_by": calibration_split(items, cfg.normal.calib_by),
         "input_size": [pre.height, pre.width],
         "roi": node["roi"],
         "bank": {
@@ -487,9 +557,13 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
     )
     write_json_atomic(
         out_dir / "metrics.json",
-        {**metrics, "oof_scores": [float(v) for v in oof], "folds": folds.tolist()},
+        {**metrics, "oof_scores": [float(v) for v in oof], "folds": _plain(folds)},
     )
     return path
+
+
+def _plain(folds: np.ndarray | None) -> list | None:
+    return None if folds is None else folds.tolist()
 
 
 def _by_job(items: list[Item]) -> bool:

@@ -26,16 +26,27 @@ TABLE_OVER_POOL = 2  # patches kept in the table per patch of the pool
 
 @dataclass
 class PatchTable:
-    """Sampled good patches: features (P, C), cell kind (P,) 1 powder / 2 part, layer (P,)."""
+    """Sampled good patches: features (P, C), cell kind (P,) 1 powder / 2 part, layer (P,),
+    and the region of the layer (P,) each came from, in the layer's own frame (a mirrored or
+    turned view keeps the region of its source cell: see ``region_ids``)."""
 
     patches: torch.Tensor
     kinds: torch.Tensor
     layers: torch.Tensor
+    regions: torch.Tensor
 
     def without(self, held: np.ndarray) -> PatchTable:
         """The patches of layers not in ``held`` (layer indices)."""
-        keep = ~torch.isin(self.layers, torch.from_numpy(np.asarray(held, dtype=np.int64)))
-        return PatchTable(self.patches[keep], self.kinds[keep], self.layers[keep])
+        return self._keep(~torch.isin(self.layers, torch.from_numpy(np.asarray(held, np.int64))))
+
+    def outside(self, region: int) -> PatchTable:
+        """The patches that did not come from ``region`` of any layer."""
+        return self._keep(self.regions != region)
+
+    def _keep(self, keep: torch.Tensor) -> PatchTable:
+        return PatchTable(
+            self.patches[keep], self.kinds[keep], self.layers[keep], self.regions[keep]
+        )
 
 
 def view_transforms(mirror: bool, rotations: int) -> list[tuple[tuple[int, ...], float]]:
@@ -88,16 +99,52 @@ def rotate_cells(cells: torch.Tensor, degrees: float) -> torch.Tensor:
     return out
 
 
+def region_boxes(grid: tuple[int, int], side: int) -> list[tuple[slice, slice]]:
+    """The map grid (h, w) cut into ``side`` x ``side`` rectangles (rows, columns), row by row."""
+    h, w = grid
+    ys, xs = np.linspace(0, h, side + 1).round().astype(int), np.linspace(0, w, side + 1).round()
+    xs = xs.astype(int)
+    return [
+        (slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1])) for r in range(side) for c in range(side)
+    ]
+
+
+def region_ids(n: int, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """(n, h, w) ids of the ``region_boxes`` each cell lies in."""
+    ids = torch.zeros(grid, dtype=torch.float32)
+    for i, (rows, cols) in enumerate(region_boxes(grid, side)):
+        ids[rows, cols] = i
+    return ids.expand(n, *grid).clone()
+
+
+def turn_ids(ids: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Region ids (N, h, w) turned like the layers (nearest cell; -1 where nothing turns in)."""
+    if degrees == 0:
+        return ids
+    n, h, w = ids.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    turned = [
+        cv2.warpAffine(ids[i].numpy(), m, (w, h), flags=cv2.INTER_NEAREST, borderValue=-1.0)
+        for i in range(n)
+    ]
+    return torch.from_numpy(np.stack(turned))
+
+
 def per_view_cap(pool: int, n_layers: int, n_views: int) -> int:
     """Patches kept per layer and view so the table holds about twice the pool."""
     return max(1, math.ceil(TABLE_OVER_POOL * pool / max(1, n_layers * n_views)))
 
 
 def sample_patches(
-    feats: torch.Tensor, cells: torch.Tensor, cap: int, gen: torch.Generator
+    feats: torch.Tensor,
+    cells: torch.Tensor,
+    regions: torch.Tensor,
+    cap: int,
+    gen: torch.Generator,
 ) -> PatchTable:
-    """At most ``cap`` random patches with cell weight > 0 of each layer ``i`` of ``feats``."""
-    rows, kinds, layers = [], [], []
+    """At most ``cap`` random patches with cell weight > 0 of each layer ``i`` of ``feats``,
+    with their cells' kinds and ``regions`` (N, h, w)."""
+    rows, kinds, layers, where_from = [], [], [], []
     for i in range(len(feats)):
         where = torch.nonzero(cells[i].reshape(-1) > 0).squeeze(1)
         where = where[torch.randperm(len(where), generator=gen)[:cap]]
@@ -105,7 +152,8 @@ def sample_patches(
         rows.append(flat[:, where].T)
         kinds.append(cells[i].reshape(-1)[where])
         layers.append(torch.full((len(where),), i, dtype=torch.long))
-    return PatchTable(torch.cat(rows), torch.cat(kinds), torch.cat(layers))
+        where_from.append(regions[i].reshape(-1)[where].long())
+    return PatchTable(torch.cat(rows), torch.cat(kinds), torch.cat(layers), torch.cat(where_from))
 
 
 def concat(tables: list[PatchTable]) -> PatchTable:
@@ -113,4 +161,5 @@ def concat(tables: list[PatchTable]) -> PatchTable:
         torch.cat([t.patches for t in tables]),
         torch.cat([t.kinds for t in tables]),
         torch.cat([t.layers for t in tables]),
+        torch.cat([t.regions for t in tables]),
     )
