@@ -126,7 +126,7 @@ class NormalConfig:
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
     # part masks (ROOT/_parts/<layer file name>): a part memory and a part input. Off by
     # default: measured on eos_parts (fitted on 2 jobs) it raised false alarms on new jobs from
-    # 0/66 to 42/66, though it helps on the synthetic printer (docs/quality.md, normal_maps)
+    # 0/66 to 23/66, though it helps on the synthetic printer (docs/quality.md, normal_maps)
     use_parts: bool = False
     mirror: bool = True  # the bank also holds the good layers mirrored (parts of any handedness)
     # ... and turned by this many evenly spaced angles (part edges in any orientation); 0: none
