@@ -208,7 +208,8 @@ def fmt_rate(r: dict) -> str:
 
 SETTINGS = (
     "Shipped fit-normal defaults (native resolution, ROI auto, stride 8, smoothing, whitened "
-    "bank of 2048, mirrored and 4 rotated views, calibration folds of whole jobs, or of regions of the layers when fitted on one job), plus "
+    "bank of 2048, mirrored and 4 rotated views, calibration folds of whole jobs, or of regions "
+    "of the layers when fitted on one job), plus "
     "normal.use_parts=true in the cases given part masks (columns and rows marked so)."
 )
 
