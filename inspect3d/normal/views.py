@@ -88,22 +88,27 @@ def rotate_cells(cells: torch.Tensor, degrees: float) -> torch.Tensor:
     3x3 neighbourhood stays inside the turned region (0 elsewhere)."""
     if degrees == 0:
         return cells
-    n, h, w = cells.shape
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
     out = torch.zeros_like(cells)
-    for i in range(n):
-        c = cells[i].numpy().astype(np.float32)
-        turned = cv2.warpAffine(c, m, (w, h), flags=cv2.INTER_NEAREST, borderValue=0.0)
+    for i in range(len(cells)):
+        turned = _turn_grid(cells[i].numpy(), degrees, 0.0)
         inside = cv2.erode((turned > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         out[i] = torch.from_numpy(np.where(inside, turned, 0.0))
     return out
 
 
+def _turn_grid(grid: np.ndarray, degrees: float, outside: float) -> np.ndarray:
+    """A map grid (h, w) turned about its centre like the layers, nearest cell; ``outside``
+    where nothing turns in."""
+    h, w = grid.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    return cv2.warpAffine(
+        grid.astype(np.float32), m, (w, h), flags=cv2.INTER_NEAREST, borderValue=outside
+    )
+
+
 def region_boxes(grid: tuple[int, int], side: int) -> list[tuple[slice, slice]]:
     """The map grid (h, w) cut into ``side`` x ``side`` rectangles (rows, columns), row by row."""
-    h, w = grid
-    ys, xs = np.linspace(0, h, side + 1).round().astype(int), np.linspace(0, w, side + 1).round()
-    xs = xs.astype(int)
+    ys, xs = (np.linspace(0, n, side + 1).round().astype(int) for n in grid)
     return [
         (slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1])) for r in range(side) for c in range(side)
     ]
@@ -121,13 +126,7 @@ def turn_ids(ids: torch.Tensor, degrees: float) -> torch.Tensor:
     """Region ids (N, h, w) turned like the layers (nearest cell; -1 where nothing turns in)."""
     if degrees == 0:
         return ids
-    n, h, w = ids.shape
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
-    turned = [
-        cv2.warpAffine(ids[i].numpy(), m, (w, h), flags=cv2.INTER_NEAREST, borderValue=-1.0)
-        for i in range(n)
-    ]
-    return torch.from_numpy(np.stack(turned))
+    return torch.from_numpy(np.stack([_turn_grid(g.numpy(), degrees, -1.0) for g in ids]))
 
 
 def per_view_cap(pool: int, n_layers: int, n_views: int) -> int:
