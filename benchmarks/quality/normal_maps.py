@@ -4,13 +4,15 @@
   fitted on the good layers of the training seed's jobs, tested on the jobs of another seed
   (new parts, new places); pixel AUROC at image resolution, AUPRO up to 30% FPR, the share of
   defect layers whose map maximum lies within 16 px of a defect, good layers over the
-  threshold, defect layers over it — with N and Wilson intervals;
+  threshold, defect layers over it — with N and Wilson intervals; and the same printer with
+  plain powder on the plate (no parts), fitted and tested alike;
 - eos_parts (an industrial L-PBF machine, 4 jobs, no defects): fitted on 20 good layers of one
   job or of two jobs, with and without part masks; the share of every other job's good layers
   over the threshold, per job with a Wilson interval.
 
 Scoring runs the fitted torch model (the exported ONNX model matches it to 1e-4, checked on
-export). ``python benchmarks/quality/normal_maps.py [--only synth|eos] [--size 512]``
+export). ``python benchmarks/quality/normal_maps.py [--only synth|synth-plain|eos|eos-masks]
+[--size 512]``
 
 Results: docs/quality/normal_maps.json and the ``normal_maps`` section of docs/quality.md.
 """
@@ -109,9 +111,10 @@ def manifest_rows(root: Path) -> list[list[str]]:
     return [line.split(",") for line in (root / "manifest.csv").read_text().splitlines()[1:]]
 
 
-def synthetic(size: int, work: Path, parts: bool) -> dict:
+def synthetic(size: int, work: Path, parts: bool, printed: bool = True) -> dict:
+    """``parts``: fit with the part masks; ``printed``: jobs with parts (else plain powder)."""
     fit_src, test_src = work / "synth_fit", work / "synth_test"
-    common_settings = {"layers_per_job": 8, "size": size, "overwrite": True}
+    common_settings = {"layers_per_job": 8, "size": size, "overwrite": True, "parts": printed}
     fit_cfg = SynthConfig(seed=5, n_jobs=8, defect_fraction=0.2, **common_settings)
     generate(fit_src, fit_cfg, progress=False)
     test_cfg = SynthConfig(seed=6, n_jobs=12, defect_fraction=0.8, **common_settings)
@@ -130,7 +133,7 @@ def synthetic(size: int, work: Path, parts: bool) -> dict:
     over = scores >= 1.0
     per_class = {c: rate(over[labels == c].sum(), (labels == c).sum()) for c in set(labels)}
     return plain({
-        "size": size, "part_masks": parts, "fit_layers": len(layers),
+        "size": size, "part_masks": parts, "printed_parts": printed, "fit_layers": len(layers),
         "fit_seconds": round(seconds, 1),
         "fit_peak_rss_mb": fitted.get("peak_rss_mb"), "roi": fitted.get("roi"),
         "pixel_auroc": loc["pixel_auroc"], "aupro_30": loc["aupro_30"],
@@ -177,9 +180,9 @@ def eos_case(fit_jobs: list[str], parts: bool, work: Path) -> dict:
     return result
 
 
-def eos(work: Path, old: list[dict], masks_only: bool = False) -> list[dict]:
-    """The eos_parts cases; with ``masks_only`` only those with part masks are rerun and the
-    others kept from ``old``."""
+def eos(work: Path, old: list[dict], masks_only: bool, stamp: str) -> list[dict]:
+    """The eos_parts cases (measured at ``stamp``); with ``masks_only`` only those with part
+    masks are rerun and the others kept from ``old``."""
     if not EOS.is_dir():
         print(f"skipping eos_parts: {EOS} is absent")
         return []
@@ -193,7 +196,7 @@ def eos(work: Path, old: list[dict], masks_only: bool = False) -> list[dict]:
         if masks_only and not parts and key in kept:
             out.append(kept[key])
         else:
-            out.append(eos_case(fit_jobs, parts, work))
+            out.append({**eos_case(fit_jobs, parts, work), "measured": stamp})
     return out
 
 
@@ -219,9 +222,15 @@ def _peak(s: dict) -> str:
     return fmt_rate({"k": p["hits"], "n": p["n"], "rate": p["rate"], "ci95": p["ci95"]})
 
 
+def case_name(c: dict) -> str:
+    if not c.get("printed_parts", True):
+        return "plain powder (no parts)"
+    return "with part masks" if c["part_masks"] else "defaults"
+
+
 def synthetic_table(cases: list[dict]) -> list[str]:
     s = cases[0]
-    head = " | ".join("with part masks" if c["part_masks"] else "defaults" for c in cases)
+    head = " | ".join(case_name(c) for c in cases)
     rows = [
         ("pixel AUROC (image resolution)", lambda c: common.fmt(c["pixel_auroc"])),
         ("AUPRO (FPR ≤ 30%)", lambda c: common.fmt(c["aupro_30"])),
@@ -229,15 +238,18 @@ def synthetic_table(cases: list[dict]) -> list[str]:
         ("good layers over the threshold", lambda c: fmt_rate(c["good_over_threshold"])),
         ("defect layers over the threshold", lambda c: fmt_rate(c["defect_over_threshold"])),
         ("fit seconds / peak MB", lambda c: f"{c['fit_seconds']} / {c['fit_peak_rss_mb']}"),
+        ("measured", lambda c: c.get("measured", "?")),
     ]
     lines = [
         f"**Synthetic printer {PRINTER}**, {s['size']} px: fitted on {s['fit_layers']} good "
-        "layers of seed-5 jobs, tested on seed-6 jobs (other part shapes and places).", "",
+        "layers of seed-5 jobs, tested on seed-6 jobs (other part shapes and places; the last "
+        "column: the same printer and jobs with plain powder on the plate, no parts, fitted and "
+        "tested alike).", "",
         f"| figure | {head} |", "|---" * (len(cases) + 1) + "|",
     ]  # fmt: skip
     lines += [f"| {name} | " + " | ".join(f(c) for c in cases) + " |" for name, f in rows]
     for c in cases:
-        tag = "with part masks" if c["part_masks"] else "defaults"
+        tag = case_name(c)
         per = ", ".join(
             f"{k} {fmt_rate(r)}" for k, r in sorted(c["per_class_over_threshold"].items())
         )
@@ -248,13 +260,15 @@ def synthetic_table(cases: list[dict]) -> list[str]:
 def report(results: dict) -> str:
     m = results["machine"]
     command = "`python benchmarks/quality/normal_maps.py`"
-    lines = [f"Machine: {common.machine_line(m)}. Command: {command}. {SETTINGS}", ""]
+    lines = [
+        f"Machine: {common.machine_line(m)} (the last run). Command: {command}. {SETTINGS} "
+        "Partial runs (`--only`) keep the other cases; each says when it was measured.",
+        "",
+    ]
     cases = results.get("synthetic") or {}
     if cases:
         lines += synthetic_table(list(cases.values()))
     if results.get("eos"):
-        if results.get("eos_note"):
-            lines += [results["eos_note"], ""]
         lines += ["**eos_parts** (no defects: every layer over the threshold is a false alarm):",
                   "", "| fitted on | part masks | new jobs over threshold | per new job |",
                   "|---|---|---|---|"]  # fmt: skip
@@ -265,27 +279,30 @@ def report(results: dict) -> str:
             masks = "yes" if c["part_masks"] else "no"
             row = f"| {fitted} ({c['fit_layers']} layers) | {masks} | {fmt_rate(c['new_jobs'])} |"
             lines.append(f"{row} {per} |")
+        stamps = sorted({c.get("measured", "?") for c in results["eos"]})
+        lines += ["", f"eos_parts rows measured: {', '.join(stamps)}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["synth", "eos", "eos-masks"])
+    ap.add_argument("--only", choices=["synth", "synth-plain", "eos", "eos-masks"])
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
     work = common.WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     results = common.load_results(NAME) or {}
     results["machine"] = common.print_machine()
-    if args.only in (None, "synth"):
-        results["synthetic"] = {
-            name: synthetic(args.size, work, parts)
-            for name, parts in (("defaults", False), ("part_masks", True))
-        }
+    stamp = results["machine"]["date"]
+    cases = {"defaults": (False, True), "part_masks": (True, True), "plain_powder": (False, False)}
+    if args.only in (None, "synth", "synth-plain"):
+        chosen = ["plain_powder"] if args.only == "synth-plain" else list(cases)
+        results["synthetic"] = {**results.get("synthetic", {}), **{
+            name: {**synthetic(args.size, work, *cases[name]), "measured": stamp}
+            for name in chosen}}  # fmt: skip
         print(results["synthetic"])
     if args.only in (None, "eos", "eos-masks"):
-        results["eos"] = eos(work, results.get("eos", []), args.only == "eos-masks")
-        results.pop("eos_note", None)  # the rows are now of this run
+        results["eos"] = eos(work, results.get("eos", []), args.only == "eos-masks", stamp)
     common.save_results(NAME, results)
     common.update_section(NAME, report(results))
     print(report(results))
