@@ -17,7 +17,7 @@ from inspect3d.infer.int8 import int8_verdict
 from inspect3d.infer.metadata import ModelMeta
 from inspect3d.infer.providers import choose_runtime
 from inspect3d.models import ScoringNet
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.run import train
 
 from conftest import compose, train_overrides

@@ -83,10 +83,11 @@ def train_and_predict(cfg, out_dir: Path) -> tuple[np.ndarray, dict]:
     (in the split's order) from the saved best checkpoint, and the run's metrics."""
     import torch
 
+    from inspect3d.data.layers import load_layers
     from inspect3d.data.preprocess import Preprocess
     from inspect3d.data.sources import load_data
-    from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from inspect3d.train.dataset import LayerDataset, load_layers
+    from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from inspect3d.train.dataset import LayerDataset
     from inspect3d.train.loop import predict
     from inspect3d.train.run import train
 

@@ -30,11 +30,11 @@ import common
 import numpy as np
 import torch
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import Item, scan_folder, write_manifest
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.data.splits import kfold_split
 from inspect3d.metrics import auroc, bootstrap_ci
-from inspect3d.train.dataset import load_layers
 
 NAME = "normal_only"
 FITTED: dict = {}  # settings and calibration of the last model fitted (for the report)
@@ -46,8 +46,8 @@ FITTED: dict = {}  # settings and calibration of the last model fitted (for the 
 
 def fit(items: list[Item], normal_class: str, out_dir: Path, size: int, channels: int = 1):
     """Fit a normal-only model on exactly ``items`` (good layers): (torch model, Preprocess)."""
+    from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
     from inspect3d.normal.fit import fit_normal
-    from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     write_manifest(items, out_dir / "fit" / "manifest.csv")
     cfg = compose_fit(

@@ -28,10 +28,10 @@ from pathlib import Path
 import common
 import numpy as np
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import class_list, scan_folder
 from inspect3d.data.preprocess import Preprocess, resize
 from inspect3d.metrics import summarize
-from inspect3d.train.dataset import load_layers
 
 NAME = "pblm_cv"
 CNN_VARIANTS = {

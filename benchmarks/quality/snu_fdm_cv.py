@@ -27,10 +27,10 @@ import common
 import numpy as np
 from lite0_probe import PROBE_EPOCHS
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import Item, class_list, scan_folder, write_manifest
 from inspect3d.data.preprocess import Preprocess, resize
 from inspect3d.metrics import bootstrap_ci, confusion_matrix, per_class, summarize
-from inspect3d.train.dataset import load_layers
 
 NAME = "snu_fdm_cv"
 SPLITS = ("train", "valid", "test")

@@ -22,7 +22,7 @@ from inspect3d.errors import InspectError
 from inspect3d.infer.metadata import INPUT_NAME, OUTPUT_NAMES, PARTS_INPUT, ModelMeta
 from inspect3d.io import atomic_path
 from inspect3d.models import ScoringNet
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 for _name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines drown the parity report
