@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from inspect3d.data.layers import load_layers
 from inspect3d.data.sources import LayerData, load_data, preprocess_of
+from inspect3d.errors import InspectError
 from inspect3d.io import write_json_atomic
 from inspect3d.metrics import calibrate_threshold, summarize
 from inspect3d.models import HeadNet
@@ -95,7 +96,7 @@ def class_weights(labels: list[int], k: int, mode: str) -> torch.Tensor | None:
     if mode == "none":
         return None
     if mode != "balanced":
-        raise ValueError(f"trainer.class_weights={mode!r} is not valid: use balanced or none")
+        raise InspectError(f"trainer.class_weights={mode!r} is not valid: use balanced or none")
     counts = np.bincount(labels, minlength=k).astype(float)
     return torch.tensor(len(labels) / (k * np.maximum(counts, 1)), dtype=torch.float32)
 
@@ -255,7 +256,7 @@ class _Training:
         ckpt = load_checkpoint(path)
         load_weights(self.model, ckpt, self.cfg.model.name)
         if "optimizer" not in ckpt:
-            raise ValueError(f"{path!r} has no optimiser state: resume from a run's last.pt")
+            raise InspectError(f"{path!r} has no optimiser state: resume from a run's last.pt")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.history = list(ckpt["history"])
