@@ -175,22 +175,20 @@ def defect_sample(items: list[Item], normal: str, every: int) -> list[Item]:
 
 
 def run_synth(args) -> dict:
-    import watch_policy as wp
-
     t0 = time.time()
-    train = wp.synth_set(
-        wp.synth_dir(wp.TRAIN_SEED, args.synth_train_jobs, args.size),
-        wp.TRAIN_SEED,
+    train = common.synth_set(
+        common.synth_dir(common.TRAIN_SEED, args.synth_train_jobs, args.size),
+        common.TRAIN_SEED,
         args.synth_train_jobs,
         args.size,
-        wp.TRAIN_DEFECT_FRACTION,
+        common.TRAIN_DEFECT_FRACTION,
     )
-    test = wp.synth_set(
-        wp.synth_dir(wp.TEST_SEED, args.synth_jobs, args.size),
-        wp.TEST_SEED,
+    test = common.synth_set(
+        common.synth_dir(common.TEST_SEED, args.synth_jobs, args.size),
+        common.TEST_SEED,
         args.synth_jobs,
         args.size,
-        wp.TEST_DEFECT_FRACTION,
+        common.TEST_DEFECT_FRACTION,
     )
     good_a = [it for it in train if it.printer == "synth-a" and job_is_good(train, it.job)]
     pick = np.linspace(0, len(good_a) - 1, min(args.n_fit, len(good_a))).round().astype(int)
@@ -216,8 +214,10 @@ def run_synth(args) -> dict:
         res["n_jobs"] = len(jobs)
         if printer == "synth-a":
             res["policies"] = {
-                name: wp.policy_figures(wp.replay_jobs(items, d, float(model.threshold), pol), 2)
-                for name, pol in wp.POLICIES.items()
+                name: common.policy_figures(
+                    common.replay_jobs(items, d, float(model.threshold), pol), 2
+                )
+                for name, pol in common.POLICIES.items()
             }
         out["tests"][printer] = res
         print("synth", printer, {k: v for k, v in res.items() if k != "policies"}, flush=True)
@@ -380,10 +380,7 @@ def section(r: dict) -> str:
 
 
 def plot(r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     labels, values, cis = [], [], []
     if "pblm" in r:

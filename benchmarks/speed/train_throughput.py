@@ -15,7 +15,6 @@ On CUDA the step runs with mixed precision and channels_last, as training does.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from dataclasses import replace
@@ -24,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import RESULTS, machine_line
+from common import machine_line, pyplot, save_results
 from common import write_section as write_doc
 from omegaconf import OmegaConf
 
@@ -168,10 +167,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -259,9 +255,8 @@ def main() -> None:
     results = measure(bench, args.steps, args.rounds, args.warmup)
     print(table(results))
     print("2 workers vs 0, images/s:", {k: round(v, 2) for k, v in ratios(results).items()})
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"machine": line, "args": vars(args), "results": results, "ratios": ratios(results)}
-    (RESULTS / "train_throughput.json").write_text(json.dumps(out, indent=2))
+    save_results("train_throughput", out, indent=2)
     if not args.no_doc:
         plot(results, PLOT)
         write_doc("train_throughput", report(args, results, line))
