@@ -270,10 +270,12 @@ def synth_dir(seed: int, n_jobs: int, size: int) -> Path:
     return WORK / "synth" / f"seed{seed}-{n_jobs}jobs-{size}px"
 
 
-def synth_set(out: Path, seed: int, n_jobs: int, size: int, defect_fraction: float) -> list[Item]:
-    """A synthetic set, generated once (deterministic from its settings) and reused."""
+def synth_set(seed: int, n_jobs: int, size: int, defect_fraction: float) -> list[Item]:
+    """A synthetic set in ``synth_dir``, generated once (deterministic from its settings) and
+    reused."""
     from inspect3d.data.synth import SynthConfig, generate
 
+    out = synth_dir(seed, n_jobs, size)
     if not (out / "manifest.csv").is_file():
         cfg = SynthConfig(
             seed=seed, n_jobs=n_jobs, size=size, defect_fraction=defect_fraction, overwrite=True

@@ -177,18 +177,10 @@ def defect_sample(items: list[Item], normal: str, every: int) -> list[Item]:
 def run_synth(args) -> dict:
     t0 = time.time()
     train = common.synth_set(
-        common.synth_dir(common.TRAIN_SEED, args.synth_train_jobs, args.size),
-        common.TRAIN_SEED,
-        args.synth_train_jobs,
-        args.size,
-        common.TRAIN_DEFECT_FRACTION,
+        common.TRAIN_SEED, args.synth_train_jobs, args.size, common.TRAIN_DEFECT_FRACTION
     )
     test = common.synth_set(
-        common.synth_dir(common.TEST_SEED, args.synth_jobs, args.size),
-        common.TEST_SEED,
-        args.synth_jobs,
-        args.size,
-        common.TEST_DEFECT_FRACTION,
+        common.TEST_SEED, args.synth_jobs, args.size, common.TEST_DEFECT_FRACTION
     )
     good_a = [it for it in train if it.printer == "synth-a" and job_is_good(train, it.job)]
     pick = np.linspace(0, len(good_a) - 1, min(args.n_fit, len(good_a))).round().astype(int)

@@ -132,12 +132,12 @@ def main() -> None:
     m = common.print_machine()
     t0 = time.time()
     train_root = synth_dir(TRAIN_SEED, args.train_jobs, args.size)
-    synth_set(train_root, TRAIN_SEED, args.train_jobs, args.size, TRAIN_DEFECT_FRACTION)
+    synth_set(TRAIN_SEED, args.train_jobs, args.size, TRAIN_DEFECT_FRACTION)
     run = common.WORK / NAME / f"run-{args.size}px-{args.train_jobs}jobs-e{args.epochs}"
     model_path = train_model(train_root, run, args.size, args.epochs)
     t_train = 60 * float((model_path.parent / "train_minutes.txt").read_text())
     test_root = synth_dir(TEST_SEED, args.jobs, args.size)
-    test = synth_set(test_root, TEST_SEED, args.jobs, args.size, TEST_DEFECT_FRACTION)
+    test = synth_set(TEST_SEED, args.jobs, args.size, TEST_DEFECT_FRACTION)
     scores, threshold = score_layers(model_path, test)
     ms_file = model_path.parent / f"scores-{test_root.name}.ms_per_layer.txt"
     ms_per_layer = float(ms_file.read_text()) if ms_file.is_file() else None
@@ -156,8 +156,7 @@ def main() -> None:
         results["policies"][name] = policy_figures(rows, args.max_delay)
         if name.endswith("(default)"):
             results["jobs"] = rows
-    calib_root = synth_dir(CALIB_SEED, args.calib_jobs, args.size)
-    calib = synth_set(calib_root, CALIB_SEED, args.calib_jobs, args.size, 0.0)
+    calib = synth_set(CALIB_SEED, args.calib_jobs, args.size, 0.0)
     calib_scores, _ = score_layers(model_path, calib)
     results["calibrated"] = {}
     for name, policy in POLICIES.items():
