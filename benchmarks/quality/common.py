@@ -424,6 +424,22 @@ def savefig(fig, name: str) -> Path:
     return path
 
 
+def pooled_panels(r: dict, order: tuple, panels: list[tuple], name: str) -> None:
+    """docs/img/quality_<name>.png: a panel per (title, value, interval) of the variants in
+    ``order`` (``value(pooled)``, ``interval(pooled)`` of each), the 0.95 goal in the first."""
+    plt = pyplot()
+    shown = [v for v in order if v in r["variants"]]
+    labels = [r["variants"][v]["label"] for v in shown]
+    pooled_figures = [r["variants"][v]["pooled"] for v in shown]
+    fig, axes = plt.subplots(1, len(panels), figsize=(9, 0.45 * len(shown) + 1.2), sharey=True)
+    for ax, (title, value, interval) in zip(axes, panels, strict=True):
+        values = [value(p) for p in pooled_figures]
+        interval_plot(ax, labels, values, [interval(p) for p in pooled_figures], title)
+    axes[0].axvline(0.95, ls="--", color="C3", lw=1)
+    savefig(fig, name)
+    plt.close(fig)
+
+
 def interval_plot(ax, labels: list[str], values: list, cis: list, title: str) -> None:
     """Points with 95% interval bars, one row per label (None values are skipped)."""
     for row, (v, ci) in enumerate(zip(values, cis, strict=True)):

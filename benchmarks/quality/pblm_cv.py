@@ -269,18 +269,12 @@ def dup_text(d: dict | None) -> str:
 
 
 def plot(r: dict) -> None:
-    plt = common.pyplot()
-
-    shown = [v for v in ORDER if v in r["variants"]]
-    labels = [r["variants"][v]["label"] for v in shown]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(shown) + 1.2), sharey=True)
-    for ax, key, title in ((axes[0], "macro_f1", "macro-F1"), (axes[1], "auroc", "defect AUROC")):
-        vals = [r["variants"][v]["pooled"][key] for v in shown]
-        cis = [r["variants"][v]["pooled"]["ci95"][key] for v in shown]
-        common.interval_plot(ax, labels, vals, cis, f"PBLM blocked 5-fold, pooled: {title}")
-    axes[0].axvline(0.95, ls="--", color="C3", lw=1)
-    common.savefig(fig, "pblm")
-    plt.close(fig)
+    title = "PBLM blocked 5-fold, pooled: {}"
+    panels = [
+        (title.format(name), lambda p, k=key: p[k], lambda p, k=key: p["ci95"][k])
+        for key, name in (("macro_f1", "macro-F1"), ("auroc", "defect AUROC"))
+    ]
+    common.pooled_panels(r, ORDER, panels, "pblm")
 
 
 if __name__ == "__main__":

@@ -211,29 +211,11 @@ def _cells(res: dict) -> list[str]:
 
 
 def plot(r: dict) -> None:
-    plt = common.pyplot()
-
-    shown = [v for v in ORDER if v in r["variants"]]
-    labels = [r["variants"][v]["label"] for v in shown]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(shown) + 1.2), sharey=True)
-    pooled = [r["variants"][v]["pooled"] for v in shown]
-    common.interval_plot(
-        axes[0],
-        labels,
-        [p["accuracy"] for p in pooled],
-        [p["accuracy_wilson95"] for p in pooled],
-        "SNU FDM 5-fold: accuracy",
-    )
-    common.interval_plot(
-        axes[1],
-        labels,
-        [p["f1_failure"] for p in pooled],
-        [p["ci95"]["f1_failure"] for p in pooled],
-        "F1 (failure)",
-    )
-    axes[0].axvline(0.95, ls="--", color="C3", lw=1)
-    common.savefig(fig, "snu_fdm")
-    plt.close(fig)
+    panels = [
+        ("SNU FDM 5-fold: accuracy", lambda p: p["accuracy"], lambda p: p["accuracy_wilson95"]),
+        ("F1 (failure)", lambda p: p["f1_failure"], lambda p: p["ci95"]["f1_failure"]),
+    ]
+    common.pooled_panels(r, ORDER, panels, "snu_fdm")
 
 
 if __name__ == "__main__":
