@@ -46,6 +46,17 @@ class Loaders:
     sampler: torch.utils.data.DistributedSampler | None = None  # under DDP: this rank's shard
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What one run trains: its config, data, preprocessing and freeze plan, and its folder."""
+
+    cfg: DictConfig
+    data: LayerData
+    pre: Any
+    plan: Any
+    out_dir: Path
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -154,7 +165,7 @@ def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, 
     if plan.probe:
         model.freeze_backbone(True)
         loaders = probe_loaders(model, loaders, cfg, device)
-    state = _Training(cfg, data, pre, model, loaders, device, out_dir, plan)
+    state = _Training(RunSetup(cfg, data, pre, plan, out_dir), model, loaders, device)
     state.fit()
     return state.finish()
 
@@ -204,9 +215,10 @@ def _log_scale(trainer: Any, device: torch.device) -> None:
 class _Training:
     """State of one run: model, optimiser, history; epochs, checkpoints and the final report."""
 
-    def __init__(self, cfg, data, pre, model, loaders, device, out_dir, plan) -> None:
-        self.cfg, self.data, self.pre, self.model = cfg, data, pre, model
-        self.loaders, self.device, self.out_dir = loaders, device, out_dir
+    def __init__(self, run: RunSetup, model, loaders: Loaders, device: torch.device) -> None:
+        cfg, data, plan = run.cfg, run.data, run.plan
+        self.cfg, self.data, self.pre, self.model = cfg, data, run.pre, model
+        self.loaders, self.device, self.out_dir = loaders, device, run.out_dir
         self.plan = plan
         # what batches go through: the whole net, or only its head on cached features (probe)
         self.scorer = HeadNet(model) if plan.probe else model
