@@ -5,6 +5,11 @@ synth, train, fit-normal, eval and export take Hydra overrides (``key=value``; t
 ``key=value`` arguments; watch, simulate, report, review and dataset take ``key=value``
 overrides merged with OmegaConf (``model`` and ``data`` are Hydra config groups here). Only
 train/fit-normal/eval/export import torch.
+
+Exit codes, alike for every command: 0 done; 1 done, but some inputs failed (layers predict
+could not score, files ``fetch --verify-only`` found wrong); 2 a usage or input error (an
+``InspectError``: one line ``error: ...`` on stderr, no traceback). The library raises, logs or
+returns; only the commands print.
 """
 
 from __future__ import annotations
@@ -110,8 +115,11 @@ def _rounded(value: float | None) -> float | None:
 
 def export_task(cfg) -> None:
     from inspect3d.export.onnx import export_run
+    from inspect3d.results import to_stdout
 
-    for path in export_run(cfg):
+    with to_stdout():  # the parity (and int8) checks
+        paths = export_run(cfg)
+    for path in paths:
         print(f"wrote {path}")
 
 

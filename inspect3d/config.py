@@ -6,30 +6,37 @@ not an hour into training. ``model`` and ``optim`` are ``_target_`` nodes (insta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from inspect3d.data.preprocess import Preprocess
+from inspect3d.data.synth import SynthConfig
+
 # The configs ship inside the package (a wheel has them); the top-level configs/ of the repo is
 # a link to this folder, the one place users read and copy them from.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-@dataclass
-class SynthSettings:
-    seed: int = 0
-    n_jobs: int = 16
-    layers_per_job: int = 20
-    size: int = 512
-    defect_fraction: float = 0.7
-    printers: int = 2
-    frame: bool = True  # the machine frame around the plate is in view (else: plate only)
-    parts: bool = True  # fused parts on the plate, their masks in ROOT/_parts/
-    min_parts: int = 2  # parts per job: min_parts..max_parts
-    max_parts: int = 6
+def _settings_of(source: type, name: str, extra: tuple = (), skip: tuple = ()) -> type:
+    """A mutable schema with the fields (and defaults) of the dataclass ``source``, less
+    ``skip``, after the ``extra`` fields: the code's dataclass stays the one definition."""
+    own = [(f.name, f.type, field(default=f.default)) for f in fields(source) if f.name not in skip]
+    schema = make_dataclass(name, [*extra, *own])
+    schema.__module__ = __name__
+    return schema
+
+
+# ``data.synth`` (kind=synth): what to generate (inspect3d.data.synth.SynthConfig)
+SynthSettings = _settings_of(SynthConfig, "SynthSettings", skip=("overwrite",))
+# ``inspect3d synth out=DIR ...`` (configs/synth.yaml)
+SynthCommand = _settings_of(
+    SynthConfig, "SynthCommand", extra=(("out", str, field(default=MISSING)),)
+)
+_PRE = Preprocess()  # the preprocessing defaults (inspect3d.data.preprocess)
 
 
 @dataclass
@@ -59,13 +66,13 @@ class DataConfig:
     val_root: str | None = None  # a separate validation folder instead of a split
     # eval only: MASK_ROOT/<layer file stem>.<any image ext>, non-zero = defect; no file = clean
     mask_root: str | None = None
-    # preprocessing (inspect3d.data.preprocess.Preprocess)
-    height: int = 512
-    width: int = 512
+    # preprocessing (inspect3d.data.preprocess.Preprocess, whose defaults these are)
+    height: int = _PRE.height
+    width: int = _PRE.width
     channels: int | None = None  # 1 grey, 3 colour; null: detected from the layers (logged)
-    norm: str = "per_image"  # per_image | fixed
-    mean: float = 0.5
-    std: float = 0.25
+    norm: str = _PRE.norm  # per_image | fixed
+    mean: float = _PRE.mean
+    std: float = _PRE.std
     # leak-free split (inspect3d.data.splits)
     folds: int = 5
     fold: int = 0
@@ -153,6 +160,7 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="normal", name="base_normal", node=NormalConfig)
+    cs.store(name="base_synth", node=SynthCommand)
 
 
 register_configs()

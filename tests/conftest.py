@@ -23,13 +23,20 @@ def compose(config: str, overrides: list[str]):
     return compose_config(config, overrides)
 
 
-def train_overrides(root: Path, *extra: str) -> list[str]:
+def folder_overrides(root: Path) -> list[str]:
+    """The synthetic folder ``root`` as ``data``, at the tests' layer size (train, fit-normal)."""
     return [
         "data=folder",
         f"data.root={root}",
         "data.normal_class=ok",
         f"data.height={SIZE}",
         f"data.width={SIZE}",
+    ]
+
+
+def train_overrides(root: Path, *extra: str) -> list[str]:
+    return [
+        *folder_overrides(root),
         "trainer=fast",
         "trainer.epochs=2",
         "model.width=8",
@@ -70,6 +77,22 @@ def exported(tiny_run) -> Path:
 
     isolated(export_run, compose("export", [f"run={tiny_run}"]))
     return tiny_run / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def replayed(synth_dir, exported, tmp_path_factory) -> Path:
+    """A watcher state folder filled by replaying synthetic jobs (review_fixtures); read-only."""
+    from review_fixtures import replayed_once
+
+    return replayed_once(synth_dir, exported, tmp_path_factory)
+
+
+@pytest.fixture
+def state(replayed, tmp_path) -> Path:
+    """A test's own copy of the replayed state folder (QA decisions may be written to it)."""
+    from review_fixtures import copy_state
+
+    return copy_state(replayed, tmp_path / "state")
 
 
 def pblm_or_skip() -> Path:

@@ -88,11 +88,7 @@ def copy_state(state: Path, dest: Path) -> Path:
 
 
 def load_shop(state: Path) -> shop.Shop:
-    store = shop.open_store(state)
-    try:
-        return shop.load(store)
-    finally:
-        store.close()
+    return shop.read(shop.Source.of(state))
 
 
 _REPLAYS: dict[tuple[Path, Path], Path] = {}

@@ -55,7 +55,7 @@ def test_folder_of_colour_photos_trains_in_colour_unless_told(synth_dir, tmp_pat
 
 
 def test_a_colour_run_records_colour_input(synth_dir, tmp_path):
-    from inspect3d.train.checkpoint import load_checkpoint
+    from inspect3d.models.checkpoint import load_checkpoint
     from inspect3d.train.run import train
 
     colour = tinted_copy(synth_dir, tmp_path / "colour")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from inspect3d.config import CONFIG_DIR
 from inspect3d.data.sources import preprocess_of
-from inspect3d.train.checkpoint import model_from_config
+from inspect3d.models.checkpoint import model_from_config
 from inspect3d.train.freeze import optimizer_factory
 
 from conftest import compose

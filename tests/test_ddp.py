@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train import distributed
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import train_overrides
 

@@ -8,7 +8,7 @@ import torch
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
 from inspect3d.models import build_model
-from inspect3d.train.checkpoint import load_checkpoint
+from inspect3d.models.checkpoint import load_checkpoint
 from inspect3d.train.freeze import freeze_plan, make_optimizer
 from inspect3d.train.run import train
 

@@ -15,7 +15,7 @@ from inspect3d.models import MODEL_NAMES, ScoringNet, build_model
 def test_forward_backward_finite(name, channels):
     torch.manual_seed(0)
     pre = Preprocess(height=96, width=128, channels=channels)
-    net = build_model(name, num_classes=4, pre=pre)
+    net = build_model(name, num_classes=4, spec=pre)
     x = torch.randint(0, 256, (2, channels, 96, 128), dtype=torch.uint8)
     logits, logit_map = net(x)
     assert logits.shape == (2, 4) and logit_map.shape[:2] == (2, 4)
@@ -73,7 +73,7 @@ REDUCED_AVX512_CASE = """
 import torch
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.models import build_model
-from inspect3d.train.loop import memory_format, to_memory_format
+from inspect3d.models.device import memory_format, to_memory_format
 torch.manual_seed(0)
 pre = Preprocess(height=128, width=128, channels=1)
 cpu = memory_format(torch.device("cpu"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ from inspect3d.infer.int8 import int8_verdict
 from inspect3d.infer.metadata import ModelMeta
 from inspect3d.infer.providers import choose_runtime
 from inspect3d.models import ScoringNet
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.run import train
 
 from conftest import compose, train_overrides
@@ -197,15 +198,16 @@ def test_threshold_override(exported):
     assert model.predict(np.zeros((64, 64), np.uint8)).decision == "ok"
 
 
-def test_int8_quantisation_writes_a_checked_model(tiny_run, tmp_path, capsys):
+def test_int8_quantisation_writes_a_checked_model(tiny_run, tmp_path, caplog):
     from inspect3d.export.onnx import export_run
 
+    caplog.set_level(logging.INFO, logger="inspect3d.results")
     out = tmp_path / "m.onnx"
     paths = export_run(
         compose("export", [f"run={tiny_run}", f"out={out}", "quantize=int8", "n_calib=4"])
     )
     assert paths == [out, tmp_path / "m.int8.onnx"]
-    assert "int8 check" in capsys.readouterr().out
+    assert "int8 check" in caplog.text
     props = {p.key: p.value for p in onnx.load(str(paths[1])).metadata_props}
     assert props["quantization"] == "int8-qdq-static" and "int8_speed" in props
     pays, _ = int8_verdict(json.loads(props["int8_speed"]), choose_runtime("auto"), int8_class())

@@ -13,7 +13,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,9 +23,7 @@ from review_fixtures import (
     HOSTILE_NOTE,
     HOSTILE_PRINTER,
     LAYER_S,
-    copy_state,
     load_shop,
-    replayed_once,
 )
 
 from inspect3d.cli import main as inspect3d_main
@@ -34,16 +31,6 @@ from inspect3d.review import decisions, shop
 from inspect3d.review.chart import CHAR_W, H, W, score_chart
 from inspect3d.review.report import build_report, page_name
 from inspect3d.watch.status import jobs as status_jobs
-
-
-@pytest.fixture(scope="session")
-def replayed(synth_dir, exported, tmp_path_factory) -> Path:
-    return replayed_once(synth_dir, exported, tmp_path_factory)
-
-
-@pytest.fixture
-def state(replayed, tmp_path) -> Path:
-    return copy_state(replayed, tmp_path / "state")
 
 
 def test_summary_lists_every_job_by_printer_with_rates_and_versions(state, tmp_path):

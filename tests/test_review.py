@@ -22,9 +22,7 @@ from review_fixtures import (
     HOSTILE_JOB,
     HOSTILE_NOTE,
     HOSTILE_PRINTER,
-    copy_state,
     load_shop,
-    replayed_once,
     serving,
 )
 
@@ -36,16 +34,6 @@ from inspect3d.review.dataset import export_reviews
 from inspect3d.review.server import ReviewServer
 
 from conftest import SIZE
-
-
-@pytest.fixture(scope="session")
-def replayed(synth_dir, exported, tmp_path_factory) -> Path:
-    return replayed_once(synth_dir, exported, tmp_path_factory)
-
-
-@pytest.fixture
-def state(replayed, tmp_path) -> Path:
-    return copy_state(replayed, tmp_path / "state")
 
 
 def add(state: Path, layer_id: int, decision: str, reason: str = "", note: str = "", who="qa1"):

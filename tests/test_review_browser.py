@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from review_fixtures import HOSTILE_NOTE, copy_state, load_shop, replayed_once, serving
+from review_fixtures import HOSTILE_NOTE, load_shop, serving
 
 from inspect3d.review.server import ReviewServer
 
@@ -33,11 +33,6 @@ def browser_or_skip() -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-@pytest.fixture
-def state(synth_dir, exported, tmp_path_factory, tmp_path) -> Path:
-    return copy_state(replayed_once(synth_dir, exported, tmp_path_factory), tmp_path / "state")
 
 
 @pytest.fixture

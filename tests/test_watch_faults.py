@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 import cv2
 import numpy as np
 import pytest
-from test_watch import db, drain, layer_images, layer_row, make_cfg, put
+from test_watch import db, drain, finish_actions, layer_images, layer_row, make_cfg, put
 
 from inspect3d.data.layout import folder_name, from_folder, name_text, text_name
 from inspect3d.data.preprocess import decode_image
@@ -388,16 +388,6 @@ class Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def settle_actions(w: Watcher) -> list[dict]:
-    for _ in range(400):
-        w.step()
-        acts = rows(w.cfg, "SELECT * FROM actions ORDER BY id")
-        if acts and all(a["status"] not in ("pending", "running") for a in acts):
-            return acts
-        time.sleep(0.02)
-    raise AssertionError(f"actions still open: {acts}")
-
-
 def test_actions_carry_an_idempotency_key_and_run_once(watcher, tmp_path, synth_dir):
     server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -414,7 +404,7 @@ def test_actions_carry_an_idempotency_key_and_run_once(watcher, tmp_path, synth_
     w = watcher(actions=actions)
     for i, src in enumerate(layer_images(synth_dir, 3)):
         put(w.cfg, "p1", "j", f"layer_{i:04d}.png", src)
-    acts = settle_actions(w)
+    acts = finish_actions(w)
     for _ in range(5):
         w.step()
     server.shutdown()

@@ -30,11 +30,11 @@ import common
 import numpy as np
 import torch
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import Item, scan_folder, write_manifest
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.data.splits import kfold_split
 from inspect3d.metrics import auroc, bootstrap_ci
-from inspect3d.train.dataset import load_layers
 
 NAME = "normal_only"
 FITTED: dict = {}  # settings and calibration of the last model fitted (for the report)
@@ -46,8 +46,8 @@ FITTED: dict = {}  # settings and calibration of the last model fitted (for the 
 
 def fit(items: list[Item], normal_class: str, out_dir: Path, size: int, channels: int = 1):
     """Fit a normal-only model on exactly ``items`` (good layers): (torch model, Preprocess)."""
+    from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
     from inspect3d.normal.fit import fit_normal
-    from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     write_manifest(items, out_dir / "fit" / "manifest.csv")
     cfg = compose_fit(
@@ -175,22 +175,12 @@ def defect_sample(items: list[Item], normal: str, every: int) -> list[Item]:
 
 
 def run_synth(args) -> dict:
-    import watch_policy as wp
-
     t0 = time.time()
-    train = wp.synth_set(
-        wp.synth_dir(wp.TRAIN_SEED, args.synth_train_jobs, args.size),
-        wp.TRAIN_SEED,
-        args.synth_train_jobs,
-        args.size,
-        wp.TRAIN_DEFECT_FRACTION,
+    train = common.synth_set(
+        common.TRAIN_SEED, args.synth_train_jobs, args.size, common.TRAIN_DEFECT_FRACTION
     )
-    test = wp.synth_set(
-        wp.synth_dir(wp.TEST_SEED, args.synth_jobs, args.size),
-        wp.TEST_SEED,
-        args.synth_jobs,
-        args.size,
-        wp.TEST_DEFECT_FRACTION,
+    test = common.synth_set(
+        common.TEST_SEED, args.synth_jobs, args.size, common.TEST_DEFECT_FRACTION
     )
     good_a = [it for it in train if it.printer == "synth-a" and job_is_good(train, it.job)]
     pick = np.linspace(0, len(good_a) - 1, min(args.n_fit, len(good_a))).round().astype(int)
@@ -216,8 +206,10 @@ def run_synth(args) -> dict:
         res["n_jobs"] = len(jobs)
         if printer == "synth-a":
             res["policies"] = {
-                name: wp.policy_figures(wp.replay_jobs(items, d, float(model.threshold), pol), 2)
-                for name, pol in wp.POLICIES.items()
+                name: common.policy_figures(
+                    common.replay_jobs(items, d, float(model.threshold), pol), 2
+                )
+                for name, pol in common.POLICIES.items()
             }
         out["tests"][printer] = res
         print("synth", printer, {k: v for k, v in res.items() if k != "policies"}, flush=True)
@@ -380,10 +372,7 @@ def section(r: dict) -> str:
 
 
 def plot(r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     labels, values, cis = [], [], []
     if "pblm" in r:

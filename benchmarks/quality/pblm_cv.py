@@ -28,16 +28,16 @@ from pathlib import Path
 import common
 import numpy as np
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import class_list, scan_folder
 from inspect3d.data.preprocess import Preprocess, resize
-from inspect3d.metrics import summarize
-from inspect3d.train.dataset import load_layers
 
 NAME = "pblm_cv"
 CNN_VARIANTS = {
     "per_image": ["data.norm=per_image", "data.jitter=0.3"],
     "fixed": ["data.norm=fixed", "data.jitter=0.0"],
 }
+BASELINES = ("brightness", "nn_raw", "nn_norm")
 LABELS = {
     "brightness": "brightness only (nearest class mean grey)",
     "nn_raw": "1-NN, 16x16 thumbnails, raw",
@@ -101,9 +101,7 @@ def overrides(root: Path, args) -> list[str]:
         f"data.width={args.size}",
         f"data.subsample={args.subsample}",
         f"trainer.epochs={args.epochs}",
-        "trainer.batch_size=8",
-        "trainer.progress=false",
-        "trainer.device=cpu",
+        "experiment=bench_cpu",  # configs/experiment/bench_cpu.yaml
         f"seed={common.SEED}",
     ]
 
@@ -112,51 +110,26 @@ def overrides(root: Path, args) -> list[str]:
 # driver
 
 
-def run_variant(
-    variant, items, y, classes, splits, root, args, thumbs=None, feature_s: float = 0.0
-) -> dict:
+def run_variant(variant, cv, root, args, thumbs=None, feature_s: float = 0.0) -> dict:
     """Per-fold figures and pooled figures (all held-out layers, block bootstrap) of a variant;
     ``feature_s``: time already spent on its input (thumbnails)."""
     t0 = time.time() - feature_s
-    k = len(classes)
-    probs = np.zeros((len(items), k))
-    per_fold = []
     feats = thumbnail_features(thumbs) if thumbs is not None else None
-    for fold, split in enumerate(splits):
-        t = time.time()
+
+    def predict(fold: int, split) -> tuple[np.ndarray, dict]:
         extra: dict = {}
-        if variant in ("brightness", "nn_raw", "nn_norm"):
-            p = common.baseline_predictions(
-                feats[variant], y, split, k, centroid=variant == "brightness"
-            )
+        if variant in BASELINES:
+            k, centroid = len(cv.classes), variant == "brightness"
+            p = common.baseline_predictions(feats[variant], cv.y, split, k, centroid=centroid)
         elif variant == "lite0":
             p, extra = lite0_predictions(root, fold, args)
         else:
             p, extra = cnn_predictions(root, variant, fold, args)
-        probs[split.val] = p
-        m = summarize(y[split.val], p, classes, 0, n_boot=0)
-        per_fold.append(
-            {
-                "fold": fold,
-                "n": m["n"],
-                "n_normal": m["n_normal"],
-                "n_train": len(split.train),
-                "macro_f1": m["macro_f1"],
-                "accuracy": m["accuracy"],
-                "auroc": m["auroc"],
-                "seconds": round(time.time() - t, 1),
-                **extra,
-            }
-        )
-        print(variant, per_fold[-1], flush=True)
-    held = sorted(i for split in splits for i in split.val)
-    groups = [splits[0].groups[i] for i in held]
-    return {
-        "label": LABELS[variant],
-        "per_fold": per_fold,
-        "pooled": common.pooled(y[held], probs[held], classes, groups),
-        "wall_s": round(time.time() - t0, 1),
-    }
+        n_normal = int((cv.y[split.val] == 0).sum())
+        return p, {"n_normal": n_normal, "n_train": len(split.train), **extra}
+
+    probs, per_fold = common.cross_validate(cv, variant, predict)
+    return common.variant_result(LABELS[variant], per_fold, common.pooled_cv(cv, probs), t0)
 
 
 def lite0_predictions(root: Path, fold: int, args) -> tuple[np.ndarray, dict]:
@@ -196,14 +169,13 @@ def main() -> None:
     t = time.time()
     thumbs = thumbnails(items)
     thumb_s = time.time() - t
-    for v in ("brightness", "nn_raw", "nn_norm"):
-        results["variants"][v] = run_variant(
-            v, items, y, classes, splits, args.root, args, thumbs, thumb_s
-        )
+    cv = common.CVSet(y, classes, splits)
+    for v in BASELINES:
+        results["variants"][v] = run_variant(v, cv, args.root, args, thumbs, thumb_s)
     for v in [] if args.quick else [s for s in args.variants.split(",") if s]:
-        results["variants"][v] = run_variant(v, items, y, classes, splits, args.root, args)
+        results["variants"][v] = run_variant(v, cv, args.root, args)
         results = common.merge_results(NAME, results, [v])
-    results = common.merge_results(NAME, results, ["brightness", "nn_raw", "nn_norm"])
+    results = common.merge_results(NAME, results, list(BASELINES))
     plot(results)
     text = section(results)
     common.update_section(NAME, text)
@@ -235,20 +207,7 @@ ORDER = ("brightness", "nn_raw", "nn_norm", "fixed", "per_image", "lite0")
 def section(r: dict) -> str:
     s = r["settings"]
     counts = ", ".join(f"{c} {n}" for c, n in r["counts"].items())
-    rows = []
-    for v in ORDER:
-        res = r["variants"].get(v)
-        if res is None:
-            rows.append(f"| {LABELS[v]} | not run | | | | | |")
-            continue
-        pf, p = res["per_fold"], res["pooled"]
-        rows.append(
-            f"| {res['label']} | {common.fmt_mean_sd([f['macro_f1'] for f in pf])} "
-            f"| {common.fmt_ci(p['macro_f1'], p['ci95']['macro_f1'])} "
-            f"| {common.fmt_ci(p['auroc'], p['ci95']['auroc'])} "
-            f"| {common.fmt_mean_sd([f['auroc'] for f in pf])} | {p['n']} ({p['n_normal']}) "
-            f"| {res['wall_s'] / 60:.1f} |"
-        )
+    rows = common.variant_rows(r, ORDER, LABELS, 7, _cells)
     n_normal = [f["n_normal"] for f in next(iter(r["variants"].values()))["per_fold"]]
     p0 = next(iter(r["variants"].values()))["pooled"]
     return "\n".join(
@@ -286,6 +245,18 @@ def section(r: dict) -> str:
     )
 
 
+def _cells(res: dict) -> list[str]:
+    pf, p = res["per_fold"], res["pooled"]
+    return [
+        common.fmt_mean_sd([f["macro_f1"] for f in pf]),
+        common.fmt_ci(p["macro_f1"], p["ci95"]["macro_f1"]),
+        common.fmt_ci(p["auroc"], p["ci95"]["auroc"]),
+        common.fmt_mean_sd([f["auroc"] for f in pf]),
+        f"{p['n']} ({p['n_normal']})",
+        f"{res['wall_s'] / 60:.1f}",
+    ]
+
+
 def dup_text(d: dict | None) -> str:
     if not d:
         return ""
@@ -298,21 +269,12 @@ def dup_text(d: dict | None) -> str:
 
 
 def plot(r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [v for v in ORDER if v in r["variants"]]
-    labels = [r["variants"][v]["label"] for v in shown]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(shown) + 1.2), sharey=True)
-    for ax, key, title in ((axes[0], "macro_f1", "macro-F1"), (axes[1], "auroc", "defect AUROC")):
-        vals = [r["variants"][v]["pooled"][key] for v in shown]
-        cis = [r["variants"][v]["pooled"]["ci95"][key] for v in shown]
-        common.interval_plot(ax, labels, vals, cis, f"PBLM blocked 5-fold, pooled: {title}")
-    axes[0].axvline(0.95, ls="--", color="C3", lw=1)
-    common.savefig(fig, "pblm")
-    plt.close(fig)
+    title = "PBLM blocked 5-fold, pooled: {}"
+    panels = [
+        (title.format(name), lambda p, k=key: p[k], lambda p, k=key: p["ci95"][k])
+        for key, name in (("macro_f1", "macro-F1"), ("auroc", "defect AUROC"))
+    ]
+    common.pooled_panels(r, ORDER, panels, "pblm")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ import common
 import numpy as np
 from lite0_probe import PROBE_EPOCHS
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import Item, class_list, scan_folder, write_manifest
 from inspect3d.data.preprocess import Preprocess, resize
-from inspect3d.metrics import bootstrap_ci, confusion_matrix, per_class, summarize
-from inspect3d.train.dataset import load_layers
+from inspect3d.metrics import bootstrap_ci, confusion_matrix, per_class
 
 NAME = "snu_fdm_cv"
 SPLITS = ("train", "valid", "test")
@@ -73,9 +73,7 @@ def overrides(manifest_dir: Path, args) -> list[str]:
         f"data.height={args.size}",
         f"data.width={args.size}",
         f"trainer.epochs={args.epochs}",
-        "trainer.batch_size=8",
-        "trainer.progress=false",
-        "trainer.device=cpu",
+        "experiment=bench_cpu",  # configs/experiment/bench_cpu.yaml
         f"seed={common.SEED}",
     ]
 
@@ -85,53 +83,32 @@ def failure_f1(y: np.ndarray, probs: np.ndarray) -> float:
     return float(per_class(confusion_matrix(y, probs.argmax(1), 2))[2][1])
 
 
-def run_variant(
-    variant, items, y, classes, splits, manifest_dir, args, feats=None, feature_s: float = 0.0
-) -> dict:
+def run_variant(variant, cv, manifest_dir, args, feats=None, feature_s: float = 0.0) -> dict:
     """Per-fold and pooled figures; ``feature_s``: time already spent on its features."""
     t0 = time.time() - feature_s
-    probs = np.zeros((len(items), len(classes)))
-    per_fold = []
-    for fold, split in enumerate(splits):
-        t = time.time()
+    out = common.WORK / NAME / variant
+
+    def predict(fold: int, split) -> tuple[np.ndarray, dict]:
         if variant == "scratch":
             cfg = common.compose_train(overrides(manifest_dir, args) + [f"data.fold={fold}"])
-            out = common.WORK / NAME / variant / f"fold{fold}"
-            p, _ = common.train_and_predict(cfg, out)
+            p, _ = common.train_and_predict(cfg, out / f"fold{fold}")
         elif variant == "lite0":  # the product's probe: inspect3d train model.freeze=true
             from lite0_probe import probe_predictions
 
             lite = ["data.norm=fixed", "data.mean=0.5", "data.std=0.5", f"data.fold={fold}"]
-            out = common.WORK / NAME / variant / f"fold{fold}"
-            p, _ = probe_predictions(overrides(manifest_dir, args) + lite, out)
+            p, _ = probe_predictions(overrides(manifest_dir, args) + lite, out / f"fold{fold}")
         else:
-            p = common.baseline_predictions(feats, y, split, 2, centroid=False)
-        probs[split.val] = p
-        m = summarize(y[split.val], p, classes, 0, n_boot=0)
-        per_fold.append(
-            {
-                "fold": fold,
-                "n": m["n"],
-                "accuracy": m["accuracy"],
-                "f1_failure": failure_f1(y[split.val], p),
-                "macro_f1": m["macro_f1"],
-                "auroc": m["auroc"],
-                "seconds": round(time.time() - t, 1),
-            }
-        )
-        print(variant, per_fold[-1], flush=True)
-    groups = splits[0].groups
-    pooled = common.pooled(y, probs, classes, groups)
+            p = common.baseline_predictions(feats, cv.y, split, 2, centroid=False)
+        return p, {"f1_failure": failure_f1(cv.y[split.val], p)}
+
+    probs, per_fold = common.cross_validate(cv, variant, predict)
+    y, groups = cv.y, cv.splits[0].groups
+    pooled = common.pooled(y, probs, cv.classes, groups)
     correct = int((probs.argmax(1) == y).sum())
     pooled["accuracy_wilson95"] = common.wilson(correct, len(y))
     pooled["f1_failure"] = failure_f1(y, probs)
     pooled["ci95"]["f1_failure"] = bootstrap_ci(failure_f1, y, probs, groups)
-    return {
-        "label": LABELS[variant],
-        "per_fold": per_fold,
-        "pooled": pooled,
-        "wall_s": round(time.time() - t0, 1),
-    }
+    return common.variant_result(LABELS[variant], per_fold, pooled, t0)
 
 
 def thumbnails(items: list[Item], side: int = 16) -> np.ndarray:
@@ -169,11 +146,12 @@ def main() -> None:
     )
     t = time.time()
     thumbs = thumbnails(items)
+    cv = common.CVSet(y, classes, splits)
     results["variants"]["nn_thumb"] = run_variant(
-        "nn_thumb", items, y, classes, splits, manifest_dir, args, thumbs, time.time() - t
+        "nn_thumb", cv, manifest_dir, args, thumbs, time.time() - t
     )
     for v in [] if args.quick else [s for s in args.variants.split(",") if s]:
-        results["variants"][v] = run_variant(v, items, y, classes, splits, manifest_dir, args)
+        results["variants"][v] = run_variant(v, cv, manifest_dir, args)
         results = common.merge_results(NAME, results, [v])
     results = common.merge_results(NAME, results, ["nn_thumb"])
     plot(results)
@@ -187,19 +165,7 @@ ORDER = ("nn_thumb", "scratch", "lite0")
 
 def section(r: dict) -> str:
     s = r["settings"]
-    rows = []
-    for v in ORDER:
-        res = r["variants"].get(v)
-        if res is None:
-            rows.append(f"| {LABELS[v]} | not run | | | | |")
-            continue
-        pf, p = res["per_fold"], res["pooled"]
-        rows.append(
-            f"| {res['label']} | {common.fmt_mean_sd([f['accuracy'] for f in pf])} "
-            f"| {common.fmt_ci(p['accuracy'], p['accuracy_wilson95'])} "
-            f"| {common.fmt_ci(p['f1_failure'], p['ci95']['f1_failure'])} "
-            f"| {common.fmt_ci(p['auroc'], p['ci95']['auroc'])} | {res['wall_s'] / 60:.1f} |"
-        )
+    rows = common.variant_rows(r, ORDER, LABELS, 6, _cells)
     n = sum(r["counts"].values())
     counts = ", ".join(f"{c} {k}" for c, k in r["counts"].items())
     return "\n".join(
@@ -233,33 +199,23 @@ def section(r: dict) -> str:
     )
 
 
+def _cells(res: dict) -> list[str]:
+    pf, p = res["per_fold"], res["pooled"]
+    return [
+        common.fmt_mean_sd([f["accuracy"] for f in pf]),
+        common.fmt_ci(p["accuracy"], p["accuracy_wilson95"]),
+        common.fmt_ci(p["f1_failure"], p["ci95"]["f1_failure"]),
+        common.fmt_ci(p["auroc"], p["ci95"]["auroc"]),
+        f"{res['wall_s'] / 60:.1f}",
+    ]
+
+
 def plot(r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [v for v in ORDER if v in r["variants"]]
-    labels = [r["variants"][v]["label"] for v in shown]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(shown) + 1.2), sharey=True)
-    pooled = [r["variants"][v]["pooled"] for v in shown]
-    common.interval_plot(
-        axes[0],
-        labels,
-        [p["accuracy"] for p in pooled],
-        [p["accuracy_wilson95"] for p in pooled],
-        "SNU FDM 5-fold: accuracy",
-    )
-    common.interval_plot(
-        axes[1],
-        labels,
-        [p["f1_failure"] for p in pooled],
-        [p["ci95"]["f1_failure"] for p in pooled],
-        "F1 (failure)",
-    )
-    axes[0].axvline(0.95, ls="--", color="C3", lw=1)
-    common.savefig(fig, "snu_fdm")
-    plt.close(fig)
+    panels = [
+        ("SNU FDM 5-fold: accuracy", lambda p: p["accuracy"], lambda p: p["accuracy_wilson95"]),
+        ("F1 (failure)", lambda p: p["f1_failure"], lambda p: p["ci95"]["f1_failure"]),
+    ]
+    common.pooled_panels(r, ORDER, panels, "snu_fdm")
 
 
 if __name__ == "__main__":

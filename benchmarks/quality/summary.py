@@ -72,58 +72,41 @@ def normal_rows(r: dict) -> list[str]:
 def watch_rows(r: dict) -> list[str]:
     out = []
     for name, p in r.get("policies", {}).items():
-        if not name.endswith("(default)"):
-            continue
-        n = f"N={p['n_defect_jobs']} defective, {p['n_good_jobs']} good jobs"
-        out.append(
-            row(
-                "synthetic onset caught within <= 2 layers",
-                f"watcher policy {name}: share of defective jobs",
-                p["within_max_delay_fraction"],
-                p["within_max_delay_ci95"],
-                0.95,
-                n,
-            )
-        )
-        out.append(
-            row(
-                "<= 1 false reject per 100 good jobs",
-                f"watcher policy {name}",
-                p["false_rejects_per_100"],
-                p["false_rejects_ci95_per_100"],
-                1.0,
-                n,
-                higher=False,
-                digits=1,
-            )
-        )
+        if name.endswith("(default)"):
+            what = f"watcher policy {name}"
+            out += policy_goal_rows(p, f"{what}: share of defective jobs", what)
     normal = common.load_results("normal_only").get("synth", {}).get("tests", {})
     for name, p in normal.get("synth-a", {}).get("policies", {}).items():
         if name.endswith("(default)"):
-            n = f"N={p['n_defect_jobs']} defective, {p['n_good_jobs']} good jobs"
-            out.append(
-                row(
-                    "synthetic onset caught within <= 2 layers",
-                    f"normal-only model, policy {name}",
-                    p["within_max_delay_fraction"],
-                    p["within_max_delay_ci95"],
-                    0.95,
-                    n,
-                )
-            )
-            out.append(
-                row(
-                    "<= 1 false reject per 100 good jobs",
-                    f"normal-only model, policy {name}",
-                    p["false_rejects_per_100"],
-                    p["false_rejects_ci95_per_100"],
-                    1.0,
-                    n,
-                    higher=False,
-                    digits=1,
-                )
-            )
+            what = f"normal-only model, policy {name}"
+            out += policy_goal_rows(p, what, what)
     return out or [row("synthetic watcher goals", "watch_policy.py", None, None, 1.0, "")]
+
+
+def policy_goal_rows(p: dict, caught: str, false_rejects: str) -> list[str]:
+    """The two watcher goals of one policy's figures ``p``: onsets caught within 2 layers (the
+    row described as ``caught``) and false rejects per 100 good jobs."""
+    n = f"N={p['n_defect_jobs']} defective, {p['n_good_jobs']} good jobs"
+    return [
+        row(
+            "synthetic onset caught within <= 2 layers",
+            caught,
+            p["within_max_delay_fraction"],
+            p["within_max_delay_ci95"],
+            0.95,
+            n,
+        ),
+        row(
+            "<= 1 false reject per 100 good jobs",
+            false_rejects,
+            p["false_rejects_per_100"],
+            p["false_rejects_ci95_per_100"],
+            1.0,
+            n,
+            higher=False,
+            digits=1,
+        ),
+    ]
 
 
 def main() -> None:

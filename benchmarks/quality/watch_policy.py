@@ -17,44 +17,32 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import common
 import numpy as np
+from common import (
+    CALIB_SEED,
+    POLICIES,
+    TEST_DEFECT_FRACTION,
+    TEST_SEED,
+    TRAIN_DEFECT_FRACTION,
+    TRAIN_SEED,
+    job_critical_value,
+    jobs_of,
+    policy_figures,
+    replay_jobs,
+    synth_dir,
+    synth_set,
+)
 
-from inspect3d.data.manifest import Item, read_manifest
+from inspect3d.data.manifest import Item
 from inspect3d.metrics import auroc, calibrate_threshold
-from inspect3d.watch.policy import LayerObs, PolicyConfig, replay
+from inspect3d.watch.policy import PolicyConfig
 
 NAME = "watch_policy"
-TRAIN_SEED, TEST_SEED, CALIB_SEED = 1, 2, 3
-TRAIN_DEFECT_FRACTION, TEST_DEFECT_FRACTION = 0.7, 0.5
 TARGET_JOB_FRR = 0.01
 SWEPT = ("k=3 of n=5 (default)", "k=2 of n=5")
-POLICIES = {  # name -> PolicyConfig; the first is the watcher's default
-    "k=3 of n=5 (default)": PolicyConfig(),
-    "k=2 of n=3": PolicyConfig(k=2, n=3, warn_k=1),
-    "k=2 of n=5": PolicyConfig(k=2, n=5, warn_k=1),
-    "k=4 of n=5": PolicyConfig(k=4, n=5, warn_k=1),
-}
-
-
-def synth_dir(seed: int, n_jobs: int, size: int) -> Path:
-    """Where a synthetic set lives (shared with normal_only.py: generated once)."""
-    return common.WORK / "synth" / f"seed{seed}-{n_jobs}jobs-{size}px"
-
-
-def synth_set(out: Path, seed: int, n_jobs: int, size: int, defect_fraction: float) -> list[Item]:
-    """A synthetic set, generated once (deterministic from its settings) and reused."""
-    from inspect3d.data.synth import SynthConfig, generate
-
-    if not (out / "manifest.csv").is_file():
-        cfg = SynthConfig(
-            seed=seed, n_jobs=n_jobs, size=size, defect_fraction=defect_fraction, overwrite=True
-        )
-        generate(out, cfg, progress=False)
-    return read_manifest(out / "manifest.csv")
 
 
 def train_model(train_root: Path, run: Path, size: int, epochs: int) -> Path:
@@ -72,9 +60,7 @@ def train_model(train_root: Path, run: Path, size: int, epochs: int) -> Path:
                 f"data.height={size}",
                 f"data.width={size}",
                 f"trainer.epochs={epochs}",
-                "trainer.batch_size=8",
-                "trainer.progress=false",
-                "trainer.device=cpu",
+                "experiment=bench_cpu",  # configs/experiment/bench_cpu.yaml
                 f"seed={common.SEED}",
             ]
         )
@@ -106,46 +92,6 @@ def score_layers(model_path: Path, items: list[Item], batch: int = 32) -> tuple[
     return np.array(scores), float(model.threshold)
 
 
-def jobs_of(items: list[Item]) -> dict[str, list[int]]:
-    jobs: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        jobs[it.job].append(i)
-    return {j: sorted(idx, key=lambda i: items[i].layer) for j, idx in jobs.items()}
-
-
-def replay_jobs(items, scores, threshold: float, policy: PolicyConfig) -> list[dict]:
-    """Per job: onset (first defect layer or None), first WARN and REJECT layer (or None)."""
-    rows = []
-    for job, idx in jobs_of(items).items():
-        obs = [LayerObs(items[i].layer, float(scores[i]), items[i].label) for i in idx]
-        _, decisions = replay(obs, policy, threshold)
-        first = {d.level: d.at_layer for d in reversed(decisions)}
-        onset = next((items[i].layer for i in idx if items[i].label != "ok"), None)
-        rows.append(
-            {
-                "job": job,
-                "defect": next((items[i].label for i in idx if items[i].label != "ok"), None),
-                "layers": len(idx),
-                "onset": onset,
-                "warn_at": first.get("WARN"),
-                "reject_at": first.get("REJECT"),
-            }
-        )
-    return rows
-
-
-def job_critical_value(scores: list[float], policy: PolicyConfig) -> float:
-    """Lowest layer threshold at which ``policy``'s k-of-n rule would REJECT this job (the
-    largest k-th highest score over its windows); -inf if it has too few layers."""
-    counted = scores[policy.ignore_first :]
-    worst = -np.inf
-    for end in range(policy.k, len(counted) + 1):
-        window = counted[max(0, end - policy.n) : end]
-        if len(window) >= policy.k:
-            worst = max(worst, sorted(window)[-policy.k])
-    return float(worst)
-
-
 def calibrate_job_threshold(items, scores, policy: PolicyConfig, target: float) -> float:
     """Layer threshold at which ``policy`` rejects at most ``target`` of these (good) jobs."""
     critical = [
@@ -153,53 +99,6 @@ def calibrate_job_threshold(items, scores, policy: PolicyConfig, target: float) 
         for idx in jobs_of(items).values()
     ]
     return calibrate_threshold(np.array(critical), target)
-
-
-def policy_figures(rows: list[dict], max_delay: int) -> dict:
-    """Delay from onset to REJECT (layers; 0 = at the onset layer) and false rejects."""
-    good = [r for r in rows if r["onset"] is None]
-    bad = [r for r in rows if r["onset"] is not None]
-    false_rejects = sum(r["reject_at"] is not None for r in good)
-    early = sum(r["reject_at"] is not None and r["reject_at"] < r["onset"] for r in bad)
-    delays = [
-        r["reject_at"] - r["onset"]
-        for r in bad
-        if r["reject_at"] is not None and r["reject_at"] >= r["onset"]
-    ]
-    within = sum(d <= max_delay for d in delays)
-    # missed jobs count as never caught: the delay percentiles take them as +inf
-    all_delays = np.array(delays + [np.inf] * (len(bad) - len(delays) - early), dtype=float)
-
-    def pct(q: float) -> float | None:  # no interpolation; None: a missed job (never caught)
-        if not len(all_delays):
-            return None
-        v = float(np.percentile(all_delays, q, method="inverted_cdf"))
-        return None if np.isinf(v) else v
-
-    return {
-        "n_good_jobs": len(good),
-        "n_defect_jobs": len(bad),
-        "false_rejects": false_rejects,
-        "false_rejects_per_100": 100 * false_rejects / max(1, len(good)),
-        "false_rejects_ci95_per_100": [100 * x for x in common.wilson(false_rejects, len(good))],
-        "rejected_before_onset": early,
-        "caught": len(delays),
-        "missed": len(bad) - len(delays) - early,
-        "delay_median": pct(50),
-        "delay_p90": pct(90),
-        "within_max_delay": within,
-        "within_max_delay_fraction": within / max(1, len(bad)),
-        "within_max_delay_ci95": common.wilson(within, len(bad)),
-        "delay_by_defect": delay_by_defect(bad),
-    }
-
-
-def delay_by_defect(bad: list[dict]) -> dict:
-    out: dict[str, list] = defaultdict(list)
-    for r in bad:
-        caught = r["reject_at"] is not None and r["reject_at"] >= r["onset"]
-        out[r["defect"]].append(r["reject_at"] - r["onset"] if caught else None)
-    return dict(out)
 
 
 def layer_auroc(items: list[Item], scores: np.ndarray) -> dict:
@@ -233,12 +132,12 @@ def main() -> None:
     m = common.print_machine()
     t0 = time.time()
     train_root = synth_dir(TRAIN_SEED, args.train_jobs, args.size)
-    synth_set(train_root, TRAIN_SEED, args.train_jobs, args.size, TRAIN_DEFECT_FRACTION)
+    synth_set(TRAIN_SEED, args.train_jobs, args.size, TRAIN_DEFECT_FRACTION)
     run = common.WORK / NAME / f"run-{args.size}px-{args.train_jobs}jobs-e{args.epochs}"
     model_path = train_model(train_root, run, args.size, args.epochs)
     t_train = 60 * float((model_path.parent / "train_minutes.txt").read_text())
     test_root = synth_dir(TEST_SEED, args.jobs, args.size)
-    test = synth_set(test_root, TEST_SEED, args.jobs, args.size, TEST_DEFECT_FRACTION)
+    test = synth_set(TEST_SEED, args.jobs, args.size, TEST_DEFECT_FRACTION)
     scores, threshold = score_layers(model_path, test)
     ms_file = model_path.parent / f"scores-{test_root.name}.ms_per_layer.txt"
     ms_per_layer = float(ms_file.read_text()) if ms_file.is_file() else None
@@ -257,8 +156,7 @@ def main() -> None:
         results["policies"][name] = policy_figures(rows, args.max_delay)
         if name.endswith("(default)"):
             results["jobs"] = rows
-    calib_root = synth_dir(CALIB_SEED, args.calib_jobs, args.size)
-    calib = synth_set(calib_root, CALIB_SEED, args.calib_jobs, args.size, 0.0)
+    calib = synth_set(CALIB_SEED, args.calib_jobs, args.size, 0.0)
     calib_scores, _ = score_layers(model_path, calib)
     results["calibrated"] = {}
     for name, policy in POLICIES.items():
@@ -417,10 +315,7 @@ def section(r: dict) -> str:
 
 
 def plot(items: list[Item], scores: np.ndarray, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3))
     jobs = jobs_of(items)

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from inspect3d.infer.cpu import cpu_name, cpu_summary
+from inspect3d.io import write_text_atomic
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "speed.md"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,7 +77,8 @@ def med(values: list[float]) -> float:
 
 
 def write_section(name: str, text: str, doc: Path = DOC) -> None:
-    """Replace the ``<!-- name:begin -->``..``<!-- name:end -->`` block of ``doc`` (or append)."""
+    """Replace the ``<!-- name:begin -->``..``<!-- name:end -->`` block of ``doc`` (or append);
+    atomically: a reader never sees half a file."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
     old = doc.read_text() if doc.exists() else "# Speed\n"
@@ -84,17 +86,32 @@ def write_section(name: str, text: str, doc: Path = DOC) -> None:
     new = (
         pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old.rstrip()}\n\n{block}\n"
     )
-    doc.write_text(new)
+    write_text_atomic(doc, new)
+
+
+def save_results(name: str, results: dict, folder: Path = RESULTS, indent: int = 1) -> Path:
+    """``folder/<name>.json`` (results/ by default), written atomically."""
+    text = json.dumps(results, indent=indent, default=str)
+    return write_text_atomic(Path(folder) / f"{name}.json", text)
 
 
 def publish(name: str, text: str, results: dict, doc: bool = True) -> None:
     """Print ``text``, keep ``results`` in results/<name>.json and, with ``doc``, write ``text``
     as the ``name`` section of docs/speed.md."""
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
+    save_results(name, results)
     if doc:
         write_section(name, text)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks draw PNGs, no window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def conv_flops(path: str | Path, batch: int = 1) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import RESULTS, interleaved, machine_line, med
+from common import RESULTS, interleaved, machine_line, med, save_results
 
 from inspect3d.config import compose
 from inspect3d.data.synth import SynthConfig, generate
@@ -115,9 +115,7 @@ def main() -> None:
         export_run(compose("export", [f"run={run}"]))
         res["onnxruntime"] = ort_speed(run / "model.onnx", args)
     print(json.dumps(res, indent=1))
-    out = Path(os.environ.get("OUT") or RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(res, indent=1))
+    save_results("gpu", res, Path(os.environ.get("OUT") or RESULTS))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ when present, else synthetic layers saved as JPEG at those sizes):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import RESULTS, conv_flops, interleaved, machine_line, med, sgemm_peak, timed
+from common import conv_flops, interleaved, machine_line, med, save_results, sgemm_peak, timed
 from common import write_section as write_doc
 
 from inspect3d.data.preprocess import Preprocess, decode_image
@@ -243,8 +242,7 @@ def main() -> None:
         }
     text = report(args, res)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "infer_latency.json").write_text(json.dumps(res, indent=1, default=str))
+    save_results("infer_latency", res)
     if not args.no_doc:
         write_doc("infer_latency", text)
 

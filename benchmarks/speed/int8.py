@@ -20,12 +20,12 @@ import numpy as np
 from common import cpu_features, interleaved, machine_line, med, op_profile, publish
 
 from inspect3d.config import compose
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import scan_folder
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.export.onnx import export_run
 from inspect3d.export.quantize import compare
 from inspect3d.infer import OnnxModel
-from inspect3d.train.dataset import load_layers
 from inspect3d.train.run import train
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import cpu_model, machine_line, med
+from common import RESULTS, cpu_model, machine_line, med, save_results
 from common import write_section as write_doc
 from torch import nn
 
@@ -52,7 +52,7 @@ HEIGHT, WIDTH = 1024, 1280
 BANKS = (1024, 2048, 4096, 10000)
 THREADS = 2
 OPSET = 18
-JSON = Path(__file__).resolve().parents[2] / "docs" / "speed" / "normal_scoring.json"
+JSON = RESULTS / "normal_scoring.json"
 for _name in ("onnxscript", "onnx_ir", "torch.onnx"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -328,8 +328,7 @@ def main() -> None:
     res["seconds"] = round(time.perf_counter() - t0)
     text = report(res)
     print(text)
-    JSON.parent.mkdir(parents=True, exist_ok=True)
-    JSON.write_text(json.dumps(res, indent=1))
+    save_results("normal_scoring", res)
     if not args.no_doc:
         write_doc("normal_scoring", text)
 

@@ -25,6 +25,7 @@ import numpy as np
 from common import interleaved, machine_line, med, publish
 from int8 import trained_run
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import scan_folder
 from inspect3d.infer import OnnxModel
 from inspect3d.infer.cpu import cpu_summary, int8_class
@@ -32,7 +33,6 @@ from inspect3d.infer.int8 import int8_verdict
 from inspect3d.infer.metadata import INPUT_NAME
 from inspect3d.infer.model import open_session
 from inspect3d.infer.providers import openvino_installed
-from inspect3d.train.dataset import load_layers
 
 BASE = "onnxruntime fp32"
 

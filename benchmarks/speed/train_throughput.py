@@ -15,26 +15,27 @@ On CUDA the step runs with mixed precision and channels_last, as training does.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from common import RESULTS, machine_line
+from common import machine_line, pyplot, save_results
 from common import write_section as write_doc
 from omegaconf import OmegaConf
 
 from inspect3d.config import compose
 from inspect3d.data.sources import preprocess_of
 from inspect3d.data.synth import SynthConfig, render_job
+from inspect3d.models.checkpoint import model_from_config
+from inspect3d.models.device import autocast, memory_format
 from inspect3d.train.augment import augment_settings
-from inspect3d.train.checkpoint import model_from_config
 from inspect3d.train.dataset import MASK_STRIDE, LayerDataset
 from inspect3d.train.freeze import make_optimizer
-from inspect3d.train.loop import StepTimes, autocast, memory_format, train_one_epoch
+from inspect3d.train.loop import EpochSpec, Optimisation, StepTimes, train_one_epoch
 
 CLASSES = ["ok", "short_feed", "spatter", "streak", "super_elevation"]
 SETTINGS = [(0, 8), (2, 8), (0, 16), (2, 16)]  # (DataLoader workers, batch size)
@@ -71,10 +72,13 @@ class Bench:
         self.device = device
         self.data = synthetic_set(size, n_jobs=-(-layers // 8))
         self.cfg, self.model, self.optimizer = training_parts(size, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.amp = bool(self.cfg.trainer.amp) and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.criterion = torch.nn.CrossEntropyLoss()
+        t = self.cfg.trainer
+        spec = EpochSpec.of_trainer(t, device, augment_settings(self.cfg.data), t.map_loss_weight)
+        self.spec = replace(spec, progress=False, desc="bench")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.spec.amp)
+        criterion = torch.nn.CrossEntropyLoss()
+        self.state = Optimisation(self.model, criterion, self.optimizer, scheduler, scaler)
         self.gen = torch.Generator().manual_seed(0)
 
     def run(self, workers: int, batch: int, steps: int) -> StepTimes:
@@ -89,32 +93,14 @@ class Bench:
             generator=torch.Generator().manual_seed(0),
         )
         times = StepTimes()
-        aug = augment_settings(self.cfg.data)
-        t = self.cfg.trainer
-        train_one_epoch(
-            self.model,
-            loader,
-            self.criterion,
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            self.device,
-            aug,
-            self.gen,
-            self.amp,
-            t.grad_clip,
-            steps,
-            False,
-            "bench",
-            t.map_loss_weight,
-            times,
-        )
+        spec = replace(self.spec, max_steps=steps)
+        train_one_epoch(self.state, loader, spec, self.gen, times)
         return times
 
     def warm_up(self) -> None:
         """First calls pay for oneDNN/cuDNN kernel selection: keep them out of every setting."""
         self.run(0, SETTINGS[0][1], 2)
-        with torch.inference_mode(), autocast(self.device, self.amp):
+        with torch.inference_mode(), autocast(self.device, self.spec.amp):
             self.model(torch.zeros(1, 1, 64, 64, device=self.device))
 
 
@@ -181,10 +167,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -272,9 +255,8 @@ def main() -> None:
     results = measure(bench, args.steps, args.rounds, args.warmup)
     print(table(results))
     print("2 workers vs 0, images/s:", {k: round(v, 2) for k, v in ratios(results).items()})
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"machine": line, "args": vars(args), "results": results, "ratios": ratios(results)}
-    (RESULTS / "train_throughput.json").write_text(json.dumps(out, indent=2))
+    save_results("train_throughput", out, indent=2)
     if not args.no_doc:
         plot(results, PLOT)
         write_doc("train_throughput", report(args, results, line))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from tqdm import tqdm
 from inspect3d.data.layout import IMAGE_EXTENSIONS
 from inspect3d.errors import InspectError
 from inspect3d.io import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 CHECKSUM_PACKAGE = "inspect3d.data"
 CHECKSUM_DIR = "checksums"
@@ -424,9 +427,9 @@ def _publish(staged: Path, dest: Path, work: Path) -> None:
         raise InspectError(f"could not move the verified data set into {dest}: {err}") from err
 
 
-def notice(source: Source) -> None:
-    """Print the license notice of a data set (to stderr, so stdout stays machine-readable)."""
-    print(f"{source.name}: {source.repo}@{source.commit}. {source.license_note}", file=sys.stderr)
+def notice(source: Source) -> str:
+    """The license notice of a data set (``inspect3d fetch`` prints it on stderr)."""
+    return f"{source.name}: {source.repo}@{source.commit}. {source.license_note}"
 
 
 def fetch(
@@ -446,7 +449,7 @@ def fetch(
     source = get_source(name)
     dest = Path(dest_root) / source.name
     expected = load_checksums(source)
-    notice(source)
+    log.info("%s", notice(source))
     if dest.exists() and not force:
         problems = verify(source, dest, progress=progress)
         if not problems:
@@ -521,19 +524,14 @@ def _verify_command(name: str, dest_root: Path, progress: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``inspect3d fetch NAME [--dest DIR] [--url URL] [--force] [--verify-only]``."""
+    """``inspect3d fetch NAME [--dest DIR] [--url URL] [--force] [--verify-only]``: 0 when the
+    set is in place, 1 when ``--verify-only`` finds problems; bad input raises InspectError
+    (the CLI's exit 2, as for every command)."""
     args = build_parser().parse_args(argv)
     dest_root = Path(args.dest if args.dest is not None else default_data_root())
-    try:
-        if args.verify_only:
-            return _verify_command(args.name, dest_root, progress=not args.quiet)
-        path = fetch(args.name, dest_root, url=args.url, force=args.force, progress=not args.quiet)
-    except InspectError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.verify_only:
+        return _verify_command(args.name, dest_root, progress=not args.quiet)
+    print(notice(get_source(args.name)), file=sys.stderr)
+    path = fetch(args.name, dest_root, url=args.url, force=args.force, progress=not args.quiet)
     print(f"{args.name}: verified in {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

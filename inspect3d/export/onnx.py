@@ -1,7 +1,8 @@
 """``export_onnx``: the scoring network as ONNX with metadata, verified with onnxruntime.
 
 Export means export *and* verify: the file is published only after onnxruntime reproduced
-torch's outputs on real layers within the tolerance, which is printed either way.
+torch's outputs on real layers within the tolerance, which is reported either way (the
+``inspect3d.results`` log: ``inspect3d export`` prints it).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from omegaconf import OmegaConf
 
 from inspect3d import __version__
+from inspect3d.data.layout import list_images
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
 from inspect3d.infer.metadata import INPUT_NAME, OUTPUT_NAMES, PARTS_INPUT, ModelMeta
 from inspect3d.io import atomic_path
 from inspect3d.models import ScoringNet
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.results import RESULTS
 
 log = logging.getLogger(__name__)
 for _name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines drown the parity report
@@ -37,14 +40,15 @@ def export_run(cfg: Any) -> list[Path]:
     ckpt = load_checkpoint(Path(cfg.run) / "checkpoint.pt")
     net = ScoringNet(model_from_checkpoint(ckpt)).eval()
     int8 = cfg.quantize == "int8"
-    layers, labels = real_layers(ckpt, max(cfg.n_check, 64 if int8 else 0), "val")
+    folder = cfg.get("layers")
+    layers, labels = real_layers(ckpt, max(cfg.n_check, 64 if int8 else 0), "val", folder)
     meta = meta_from_checkpoint(ckpt, map_stride(net, layers[:1]))
     out = export_onnx(net, meta, Path(cfg.out), cfg.opset, layers[: cfg.n_check], cfg.tolerance)
     paths = [out]
     if int8:
         from inspect3d.export.quantize import quantize_int8
 
-        calib, _ = real_layers(ckpt, cfg.n_calib, "train")
+        calib, _ = real_layers(ckpt, cfg.n_calib, "train", folder)
         paths.append(quantize_int8(out, calib, layers, labels))
     return paths
 
@@ -76,47 +80,58 @@ def meta_from_checkpoint(ckpt: dict, defect_map_stride: int) -> ModelMeta:
     )
 
 
-def real_layers(ckpt: dict, n: int, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` layers (uint8 N,C,H,W) of the run's ``train`` or ``val`` split, and labels.
-
-    Falls back to synthetic powder-bed layers (labels -1), with a warning, when that data is
-    not on this machine.
+def real_layers(
+    ckpt: dict, n: int, split: str, folder: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` real layers (uint8 N,C,H,W) and their labels: evenly spaced over the image
+    files of ``folder`` (``export layers=DIR``; labels -1, unknown), else over the run's own
+    ``train`` or ``val`` split, or the good layers a normal-only model was fitted on (labels 0).
     """
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    if folder is not None:
+        return _folder_layers(Path(folder), pre, n)
+    if ckpt.get("mode") == "normal_only":
+        paths = [Path(p) for p in ckpt.get("fit_layers", []) if Path(p).is_file()]
+        if not paths:
+            raise InspectError(_absent("the good layers this model was fitted on"))
+        layers = _evenly(paths, pre, n)
+        return layers, np.zeros(len(layers), dtype=int)
+    return _split_layers(ckpt, pre, n, split)
+
+
+def _split_layers(ckpt: dict, pre: Preprocess, n: int, split: str):
     from inspect3d.data.sources import load_data
 
-    pre = Preprocess.from_dict(ckpt["preprocess"])
     trained = OmegaConf.create(ckpt["config"])
-    if ckpt.get("mode") == "normal_only":
-        return _good_layers(ckpt, pre, n)
     try:
         data = load_data(trained.data, trained.seed)
-        pool = data.train if split == "train" else data.val
-        pick = np.linspace(0, len(pool) - 1, min(n, len(pool))).round().astype(int)
-        idx = sorted({pool[i] for i in pick})
-        labels = np.array(data.labels())[idx]
-        return np.stack([pre.load(data.items[i].path) for i in idx]), labels
     except InspectError as exc:
-        log.warning("training data not available (%s): checking on synthetic layers instead", exc)
-        return _synthetic_layers(pre, n), np.full(n, -1)
+        raise InspectError(_absent(f"the run's {split} layers ({exc})")) from exc
+    pool = data.train if split == "train" else data.val
+    pick = np.linspace(0, len(pool) - 1, min(n, len(pool))).round().astype(int)
+    idx = sorted({pool[i] for i in pick})
+    labels = np.array(data.labels())[idx]
+    return np.stack([pre.load(data.items[i].path) for i in idx]), labels
 
 
-def _good_layers(ckpt: dict, pre: Preprocess, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A normal-only model is checked on the good layers it was fitted on (labels 0)."""
-    paths = [p for p in ckpt.get("fit_layers", []) if Path(p).is_file()]
+def _folder_layers(folder: Path, pre: Preprocess, n: int) -> tuple[np.ndarray, np.ndarray]:
+    paths = list_images(folder, recursive=True) if folder.is_dir() else []
     if not paths:
-        log.warning("the good layers of this run are not here: checking on synthetic layers")
-        return _synthetic_layers(pre, n), np.full(n, -1)
+        raise InspectError(f"layers={str(folder)!r} holds no layer images: give a folder of them")
+    layers = _evenly(paths, pre, n)
+    return layers, np.full(len(layers), -1)
+
+
+def _evenly(paths: list[Path], pre: Preprocess, n: int) -> np.ndarray:
     pick = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
-    layers = np.stack([pre.load(paths[i]) for i in sorted(set(pick.tolist()))])
-    return layers, np.zeros(len(layers), dtype=int)
+    return np.stack([pre.load(paths[i]) for i in sorted(set(pick.tolist()))])
 
 
-def _synthetic_layers(pre: Preprocess, n: int) -> np.ndarray:
-    from inspect3d.data.synth import SynthConfig, render_job
-
-    cfg = SynthConfig(seed=12345, layers_per_job=max(2, n), size=max(pre.height, pre.width))
-    frames = [img for job in range(2) for img, _, _ in render_job(cfg, job)]
-    return np.stack([pre(img) for img in frames[:n]])
+def _absent(what: str) -> str:
+    return (
+        f"the parity check needs real layers, but {what} are not on this machine: give "
+        "layers=DIR, a folder of layer images like the ones the model was trained on"
+    )
 
 
 def export_onnx(
@@ -204,7 +219,7 @@ def verify(net: ScoringNet, path: Path, layers: np.ndarray, tolerance: float) ->
     onnx_probs = session.run(None, _feeds(cases[0]))[0]
     same_class = float((ref.argmax(1) == onnx_probs.argmax(1)).mean())
     report = ", ".join(f"max |torch - onnxruntime| {k} = {v:.2e}" for k, v in diffs.items())
-    print(
+    RESULTS.info(
         f"parity check on {len(layers)} layers (batch 1 and {len(layers)}): {report}; "
         f"tolerance {tolerance:.1e}; same class on {same_class:.0%}"
     )

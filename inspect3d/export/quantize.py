@@ -33,6 +33,7 @@ from inspect3d.infer.metadata import INPUT_NAME, ModelMeta
 from inspect3d.infer.model import open_session
 from inspect3d.infer.providers import openvino_installed
 from inspect3d.io import atomic_path
+from inspect3d.results import RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class _Layers(CalibrationDataReader):
 
 
 def quantize_int8(fp32: Path, calib: np.ndarray, layers: np.ndarray, labels: np.ndarray) -> Path:
-    """Write ``<name>.int8.onnx`` beside ``fp32`` and print its agreement with fp32."""
+    """Write ``<name>.int8.onnx`` beside ``fp32`` and report its agreement with fp32."""
     out = fp32.with_name(fp32.stem + ".int8.onnx")
     with tempfile.TemporaryDirectory() as tmpdir, atomic_path(out) as tmp:
         pre = Path(tmpdir) / "pre.onnx"
@@ -64,7 +65,7 @@ def quantize_int8(fp32: Path, calib: np.ndarray, layers: np.ndarray, labels: np.
         check = compare(fp32, tmp, layers, labels)
         speed = {**measure_int8_speed(fp32, tmp, layers), "check": check}
         _copy_metadata(fp32, tmp, speed)
-        print(speed_report(speed))
+        RESULTS.info(speed_report(speed))
     return out
 
 
@@ -96,7 +97,7 @@ def compare(fp32: Path, int8: Path, layers: np.ndarray, labels: np.ndarray) -> d
     }
     agree = float((p32.argmax(1) == p8.argmax(1)).mean())
     decisions = _same_decisions(fp32, p32, p8)
-    print(
+    RESULTS.info(
         f"int8 check on {len(layers)} validation layers: accuracy fp32 {acc['fp32']}, "
         f"int8 {acc['int8']}; same class {agree:.0%}; same decision at the threshold "
         f"{decisions:.0%}; max |Δ probs| {float(np.abs(p32 - p8).max()):.3f}"

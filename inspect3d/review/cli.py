@@ -38,12 +38,14 @@ def report_main(args: list[str]) -> int:
 
 
 def review_main(args: list[str]) -> int:
-    from inspect3d.review.server import serve
+    from inspect3d.review.server import open_server, ready_line, serve
 
     cfg = load_section("review", args)
     if not isinstance(cfg["port"], int) or not 0 <= cfg["port"] <= 65535:
         raise InspectError(f"port={cfg['port']!r} is not valid: use 1..65535 (0: any free port)")
-    serve(**cfg)
+    server = open_server(**cfg)
+    print(ready_line(server), flush=True)
+    serve(server)
     return 0
 
 

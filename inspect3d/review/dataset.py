@@ -67,11 +67,7 @@ def export_reviews(
     """Write the reviewed layers of ``state`` (or of the plant database ``db``, one ``cell`` or
     all) as a manifest CSV at ``out``."""
     src = shop.Source.of(state, db, cell)
-    store = shop.open_store(src)
-    try:
-        s = shop.load(store)
-    finally:
-        store.close()
+    s = shop.read(src)
     normal = normal_class or s.normal_class()
     if normal is None:
         raise InspectError("no scored layers to tell the normal class from: give normal_class=NAME")

@@ -208,11 +208,7 @@ def build_report(
     """Write the report of the watcher state ``state`` (or of the plant database ``db``, one
     ``cell`` or all) into ``out``; returns ``out/index.html``."""
     src = shop.Source.of(state, db, cell)
-    store = shop.open_store(src)
-    try:
-        s = shop.load(store)
-    finally:
-        store.close()
+    s = shop.read(src)
     out = Path(out).expanduser()
     env = environment()
     pages = {j.id: write_job(env, j, out, s, max_thumbs).name for j in s.jobs}

@@ -289,26 +289,36 @@ def _plain(row) -> dict:
     return d
 
 
-def serve(state: str | Path | None, host: str = "127.0.0.1", port: int = 8765,
-          token: str | None = None, reviewer: str | None = None, db: str | None = None,
-          cell: str | None = None) -> None:  # fmt: skip
-    """Serve the review page of a state folder, or of a plant database's queue (``db``: every
-    cell, or ``cell``), until Ctrl-C (SIGINT)."""
-    # a process started in the background by a shell inherits SIGINT ignored: stop on it anyway
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def open_server(state: str | Path | None, host: str = "127.0.0.1", port: int = 8765,
+                token: str | None = None, reviewer: str | None = None, db: str | None = None,
+                cell: str | None = None) -> ReviewServer:  # fmt: skip
+    """The review server of a state folder, or of a plant database's queue (``db``: every
+    cell, or ``cell``), listening; ``serve`` runs it."""
     src = shop.Source.of(state, db, cell)
     shop.open_store(src).close()  # a clear error now, not on the first request
     if not is_loopback(host) and token is not None and len(token) < 12:
         raise InspectError(f"token of {len(token)} characters is too short: use 12 or more")
     try:
-        server = ReviewServer(src, host, port, token,
-                              reviewer or decisions.default_reviewer())  # fmt: skip
+        return ReviewServer(src, host, port, token,
+                            reviewer or decisions.default_reviewer())  # fmt: skip
     except OSError as exc:
         raise InspectError(
             f"cannot listen on {host}:{port}: {exc.strerror}; try another port="
         ) from exc
-    print(f"review page for {src.shown} at {server.url} (reviewer {server.reviewer}); Ctrl-C stops",
-          flush=True)  # fmt: skip
+
+
+def ready_line(server: ReviewServer) -> str:
+    """Where the page is, for the person who started it."""
+    return (
+        f"review page for {server.state.shown} at {server.url} (reviewer {server.reviewer}); "
+        "Ctrl-C stops"
+    )
+
+
+def serve(server: ReviewServer) -> None:
+    """Serve until Ctrl-C (SIGINT), then close the server."""
+    # a process started in the background by a shell inherits SIGINT ignored: stop on it anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

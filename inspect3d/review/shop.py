@@ -241,6 +241,15 @@ def load(store: Store) -> Shop:
     return s
 
 
+def read(src: Source) -> Shop:
+    """``load`` of the store ``src`` names, opened for the reading and closed again."""
+    store = open_store(src)
+    try:
+        return load(store)
+    finally:
+        store.close()
+
+
 def _folders(store: Store, meta: dict) -> tuple[Path, Path | None]:
     """A cell's state folder (the one given, when reading one cell) and its inbox."""
     state = store.state

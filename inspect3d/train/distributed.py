@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from inspect3d.errors import InspectError
-from inspect3d.train.loop import resolve_device
+from inspect3d.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.layout import list_images
 from inspect3d.data.manifest import Item
 from inspect3d.data.parts import PARTS_DIR, cells_from_masks
@@ -32,9 +33,8 @@ from inspect3d.metrics import (
     wilson_interval,
 )
 from inspect3d.models import ScoringNet
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
-from inspect3d.train.dataset import load_layers
-from inspect3d.train.loop import autocast, batch_for_memory, peak_rss_mb, resolve_device
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
+from inspect3d.models.device import autocast, batch_for_memory, peak_rss_mb, resolve_device
 from inspect3d.train.plots import plot_confusion
 
 log = logging.getLogger(__name__)

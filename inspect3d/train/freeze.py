@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from inspect3d.errors import InspectError
 from inspect3d.models import LayerNet, has_pretrained_backbone
-from inspect3d.train.loop import autocast, to_memory_format
+from inspect3d.models.device import autocast, to_memory_format
 
 log = logging.getLogger(__name__)
 

@@ -2,42 +2,40 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from inspect3d.errors import InspectError
+from inspect3d.models.device import (
+    autocast,
+    batch_for_memory,
+    memory_format,
+    peak_rss_mb,
+    resolve_device,
+    to_memory_format,
+)
 from inspect3d.train.augment import AugmentSettings, augment
 
-log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA device that is missing is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InspectError(
-            f"trainer.device={name!r} but no CUDA device is available: use auto or cpu"
-        )
-    if name != "cpu" and not name.startswith("cuda"):
-        raise InspectError(f"trainer.device={name!r} is not valid: use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); plain fp32 on CPU."""
-    if device.type != "cuda" or not enabled:
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+# names other modules still import from here (their home is inspect3d.models.device)
+__all__ = [
+    "EpochSpec",
+    "Optimisation",
+    "StepTimes",
+    "autocast",
+    "batch_for_memory",
+    "cell_targets",
+    "memory_format",
+    "peak_rss_mb",
+    "predict",
+    "resolve_device",
+    "to_memory_format",
+    "train_one_epoch",
+]
 
 
 @dataclass
@@ -75,48 +73,75 @@ class StepTimes:
         }
 
 
+@dataclass
+class Optimisation:
+    """What a training step updates: the network (as trained: DDP-wrapped, or a probe's head),
+    its loss, the optimiser with its learning-rate schedule, and the mixed-precision scaler."""
+
+    net: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+
+@dataclass(frozen=True)
+class EpochSpec:
+    """How an epoch runs: where, with which augmentation (None: features computed once, a
+    probe), mixed precision, gradient clipping, at most ``max_steps`` steps, a progress bar
+    titled ``desc``, and the weight of the defect-map loss."""
+
+    device: torch.device
+    aug: AugmentSettings | None
+    amp: bool = False
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    progress: bool = False
+    desc: str = "train"
+    map_weight: float = 0.0
+
+    @classmethod
+    def of_trainer(
+        cls, trainer: Any, device: torch.device, aug: AugmentSettings | None, map_weight: float
+    ) -> EpochSpec:
+        """The settings of a ``configs/trainer`` node; mixed precision on CUDA only."""
+        return cls(
+            device=device,
+            aug=aug,
+            amp=bool(trainer.amp) and device.type == "cuda",
+            grad_clip=trainer.grad_clip,
+            max_steps=trainer.max_steps_per_epoch,
+            progress=bool(trainer.progress),
+            map_weight=map_weight,
+        )
+
+
 def train_one_epoch(
-    model: nn.Module,
+    state: Optimisation,
     loader,
-    criterion,
-    optimizer,
-    scheduler,
-    scaler,
-    device: torch.device,
-    aug: AugmentSettings | None,
+    spec: EpochSpec,
     gen: torch.Generator,
-    amp: bool,
-    grad_clip: float,
-    max_steps: int | None,
-    progress: bool,
-    desc: str,
-    map_weight: float = 0.0,
     times: StepTimes | None = None,
 ) -> float:
-    """Train for one pass over ``loader``; return the mean loss. ``times`` (if given) receives
-    each step's data-wait, preparation and total time."""
-    model.train()
+    """Train for one pass over ``loader`` (at most ``spec.max_steps`` steps); return the mean
+    loss. ``times`` (if given) receives each step's data-wait, preparation and total time."""
+    state.net.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(loader, desc=spec.desc, disable=not spec.progress, leave=False)
     batches = iter(bar)
     step = 0
-    while max_steps is None or step < max_steps:
+    while spec.max_steps is None or step < spec.max_steps:
         start = time.perf_counter()
         batch = next(batches, None)
         if batch is None:
             break
         fetched = time.perf_counter()
-        x, y, mask, known = _prepare(batch, device, aug, gen)
+        x, y, mask, known = _prepare(batch, spec.device, spec.aug, gen)
         prepared = time.perf_counter()
-        with autocast(device, amp):
-            logits, logit_map = model(x)
-        loss = criterion(logits.float(), y)
-        if map_weight > 0 and bool(known.any()):
-            cells = cell_targets(mask, y, known.to(device), logit_map.shape[-2:])
-            loss = loss + map_weight * criterion(logit_map.float(), cells)
+        loss = _loss(state, spec, (x, y, mask, known))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower optim.lr")
-        _backward(loss, model, optimizer, scheduler, scaler, grad_clip)
+        _backward(loss, state, spec.grad_clip)
         total, count = total + loss.item() * len(y), count + len(y)  # .item() waits for device
         if times is not None:
             end = time.perf_counter()
@@ -124,6 +149,18 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{total / count:.4f}")
         step += 1
     return total / max(count, 1)
+
+
+def _loss(state: Optimisation, spec: EpochSpec, batch) -> torch.Tensor:
+    """Layer loss, plus the defect-map loss on the cells of layers whose mask is known."""
+    x, y, mask, known = batch
+    with autocast(spec.device, spec.amp):
+        logits, logit_map = state.net(x)
+    loss = state.criterion(logits.float(), y)
+    if spec.map_weight > 0 and bool(known.any()):
+        cells = cell_targets(mask, y, known.to(spec.device), logit_map.shape[-2:])
+        loss = loss + spec.map_weight * state.criterion(logit_map.float(), cells)
+    return loss
 
 
 def _prepare(batch, device: torch.device, aug: AugmentSettings | None, gen: torch.Generator):
@@ -140,14 +177,14 @@ def _prepare(batch, device: torch.device, aug: AugmentSettings | None, gen: torc
     return x, y.to(device, non_blocking=True), mask, known
 
 
-def _backward(loss, model, optimizer, scheduler, scaler, grad_clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # under DDP, gradients are averaged over ranks here
-    scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+def _backward(loss: torch.Tensor, state: Optimisation, grad_clip: float) -> None:
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()  # under DDP, gradients are averaged over ranks here
+    state.scaler.unscale_(state.optimizer)
+    nn.utils.clip_grad_norm_(state.net.parameters(), grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
 
 
 def cell_targets(
@@ -159,50 +196,6 @@ def cell_targets(
     cells = torch.where(hit, labels[:, None, None], torch.zeros_like(labels)[:, None, None])
     cells[~known] = -100
     return cells
-
-
-BYTES_PER_INPUT_PIXEL = 400  # peak inference memory per input pixel (Lite0 features ~250)
-
-
-def batch_for_memory(pre, wanted: int, memory_gb: float | None = None) -> int:
-    """``wanted`` layers per batch, fewer where a batch's inference would not fit the memory
-    budget (``memory_gb``, else a quarter of the memory available now)."""
-    budget = memory_gb * 2**30 if memory_gb else _available_bytes() / 4
-    fits = max(1, int(budget // (BYTES_PER_INPUT_PIXEL * pre.height * pre.width * pre.channels)))
-    if fits < wanted:
-        log.info(
-            "batches of %d layers (not %d) to stay within %.1f GB", fits, wanted, budget / 2**30
-        )
-    return min(wanted, fits)
-
-
-def _available_bytes() -> float:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 8 * 2**30
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far, in MB (None where unknown: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA, where it is measured to help (tensor cores); contiguous on CPU.
-
-    On CPUs with AVX-512, torch 2.14.1's oneDNN backward of a narrow channels_last
-    convolution (SmallCNN width 4-8 at 128 px, batch 4) crashes the process with SIGSEGV;
-    contiguous tensors take another kernel and pass (tests/test_models.py runs the case)."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def to_memory_format(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=memory_format(x.device))
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

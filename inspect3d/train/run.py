@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +13,25 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.sources import LayerData, load_data, preprocess_of
+from inspect3d.errors import InspectError
 from inspect3d.io import write_json_atomic
 from inspect3d.metrics import calibrate_threshold, summarize
 from inspect3d.models import HeadNet
-from inspect3d.train import distributed
-from inspect3d.train.augment import augment_settings
-from inspect3d.train.checkpoint import (
+from inspect3d.models.checkpoint import (
     config_hash,
     load_checkpoint,
     load_weights,
     model_from_config,
     save_checkpoint,
 )
-from inspect3d.train.dataset import LayerDataset, load_layers, load_masks
+from inspect3d.models.device import memory_format
+from inspect3d.train import distributed
+from inspect3d.train.augment import augment_settings
+from inspect3d.train.dataset import LayerDataset, load_masks
 from inspect3d.train.freeze import feature_dataset, freeze_plan, make_optimizer
-from inspect3d.train.loop import StepTimes, memory_format, predict, train_one_epoch
+from inspect3d.train.loop import EpochSpec, Optimisation, StepTimes, predict, train_one_epoch
 from inspect3d.train.plots import plot_confusion, plot_curves
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,17 @@ class Loaders:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
     sampler: torch.utils.data.DistributedSampler | None = None  # under DDP: this rank's shard
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What one run trains: its config, data, preprocessing and freeze plan, and its folder."""
+
+    cfg: DictConfig
+    data: LayerData
+    pre: Any
+    plan: Any
+    out_dir: Path
 
 
 def seed_everything(seed: int) -> None:
@@ -93,7 +107,7 @@ def class_weights(labels: list[int], k: int, mode: str) -> torch.Tensor | None:
     if mode == "none":
         return None
     if mode != "balanced":
-        raise ValueError(f"trainer.class_weights={mode!r} is not valid: use balanced or none")
+        raise InspectError(f"trainer.class_weights={mode!r} is not valid: use balanced or none")
     counts = np.bincount(labels, minlength=k).astype(float)
     return torch.tensor(len(labels) / (k * np.maximum(counts, 1)), dtype=torch.float32)
 
@@ -151,7 +165,7 @@ def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, 
     if plan.probe:
         model.freeze_backbone(True)
         loaders = probe_loaders(model, loaders, cfg, device)
-    state = _Training(cfg, data, pre, model, loaders, device, out_dir, plan)
+    state = _Training(RunSetup(cfg, data, pre, plan, out_dir), model, loaders, device)
     state.fit()
     return state.finish()
 
@@ -201,9 +215,10 @@ def _log_scale(trainer: Any, device: torch.device) -> None:
 class _Training:
     """State of one run: model, optimiser, history; epochs, checkpoints and the final report."""
 
-    def __init__(self, cfg, data, pre, model, loaders, device, out_dir, plan) -> None:
-        self.cfg, self.data, self.pre, self.model = cfg, data, pre, model
-        self.loaders, self.device, self.out_dir = loaders, device, out_dir
+    def __init__(self, run: RunSetup, model, loaders: Loaders, device: torch.device) -> None:
+        cfg, data, plan = run.cfg, run.data, run.plan
+        self.cfg, self.data, self.pre, self.model = cfg, data, run.pre, model
+        self.loaders, self.device, self.out_dir = loaders, device, run.out_dir
         self.plan = plan
         # what batches go through: the whole net, or only its head on cached features (probe)
         self.scorer = HeadNet(model) if plan.probe else model
@@ -222,8 +237,12 @@ class _Training:
         self.scheduler = warmup_cosine(
             self.optimizer, steps * t.epochs, max(1, int(steps * t.warmup_epochs))
         )
-        self.map_weight = map_loss_weight(loaders.train.dataset, t.map_loss_weight)
-        self.amp = bool(t.amp) and device.type == "cuda"
+        # a probe's features were computed once, from the layers as they are: no augmentation
+        aug = None if plan.probe else augment_settings(cfg.data)
+        map_weight = map_loss_weight(loaders.train.dataset, t.map_loss_weight)
+        self.spec = EpochSpec.of_trainer(t, device, aug, map_weight)
+        self.spec = replace(self.spec, progress=self.spec.progress and distributed.is_main())
+        self.amp = self.spec.amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         model.to(memory_format=memory_format(device))
         self.history: list[dict] = []
@@ -249,7 +268,7 @@ class _Training:
         ckpt = load_checkpoint(path)
         load_weights(self.model, ckpt, self.cfg.model.name)
         if "optimizer" not in ckpt:
-            raise ValueError(f"{path!r} has no optimiser state: resume from a run's last.pt")
+            raise InspectError(f"{path!r} has no optimiser state: resume from a run's last.pt")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.history = list(ckpt["history"])
@@ -259,9 +278,6 @@ class _Training:
 
     def fit(self) -> None:
         t = self.cfg.trainer
-        aug = augment_settings(self.cfg.data)
-        if self.plan.probe:
-            aug = None  # the features were computed once, from the layers as they are
         for epoch in range(self.start_epoch, t.epochs + 1):
             self._set_frozen(epoch)
             seed = self.cfg.seed * 1000 + epoch  # same epoch, same randomness
@@ -271,24 +287,11 @@ class _Training:
                 self.loaders.sampler.set_epoch(epoch)
             gen = torch.Generator().manual_seed(seed + 7919 * distributed.rank())
             times = StepTimes()
-            loss = train_one_epoch(
-                self.net,
-                self.loaders.train,
-                self.criterion,
-                self.optimizer,
-                self.scheduler,
-                self.scaler,
-                self.device,
-                aug,
-                gen,
-                self.amp,
-                t.grad_clip,
-                t.max_steps_per_epoch,
-                t.progress and distributed.is_main(),
-                f"epoch {epoch}/{t.epochs}",
-                self.map_weight,
-                times,
+            state = Optimisation(
+                self.net, self.criterion, self.optimizer, self.scheduler, self.scaler
             )
+            spec = replace(self.spec, desc=f"epoch {epoch}/{t.epochs}")
+            loss = train_one_epoch(state, self.loaders.train, spec, gen, times)
             self._end_epoch(epoch, self._epoch_speed(loss, times))
 
     def _set_frozen(self, epoch: int) -> None:
