@@ -13,25 +13,17 @@ import torch
 from inspect3d.errors import InspectError
 from inspect3d.infer import OnnxModel
 from inspect3d.metrics import order_statistic_frr
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.normal.fit import fit_normal, fold_ids
 from inspect3d.normal.patch import Gaussian, MemoryBank
 from inspect3d.normal.stats import greedy_coreset, shrunk_gaussian
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-from conftest import SIZE, compose
+from conftest import SIZE, compose, folder_overrides
 from isolate import isolated
 
 
 def normal_overrides(root, *extra: str) -> list[str]:
-    return [
-        "data=folder",
-        f"data.root={root}",
-        "data.normal_class=ok",
-        f"data.height={SIZE}",
-        f"data.width={SIZE}",
-        "normal.progress=false",
-        *extra,
-    ]
+    return [*folder_overrides(root), "normal.progress=false", *extra]
 
 
 def fit_and_export(root, run, *extra: str):

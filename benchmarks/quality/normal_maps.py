@@ -36,8 +36,8 @@ from inspect3d.data.parts import cells_from_masks
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.metrics import wilson_interval
+from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.normal.fit import fit_normal
-from inspect3d.train.checkpoint import load_checkpoint, model_from_checkpoint
 from inspect3d.train.evaluate import mask_metrics
 
 NAME = "normal_maps"

@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import Item
 from inspect3d.data.parts import PARTS_DIR, part_cells, read_part_mask
 from inspect3d.data.preprocess import Preprocess, image_size, read_image
@@ -41,6 +42,8 @@ from inspect3d.data.sources import load_items, preprocess_of
 from inspect3d.errors import InspectError
 from inspect3d.io import write_json_atomic
 from inspect3d.metrics import order_statistic_frr
+from inspect3d.models.checkpoint import config_hash, save_checkpoint
+from inspect3d.models.device import batch_for_memory, peak_rss_mb, resolve_device
 from inspect3d.normal.patch import BUILDER, NormalNet, build_normal_net
 from inspect3d.normal.roi import auto_roi, parse_roi
 from inspect3d.normal.stats import (
@@ -61,9 +64,6 @@ from inspect3d.normal.views import (
     turn_ids,
     view_transforms,
 )
-from inspect3d.train.checkpoint import config_hash, save_checkpoint
-from inspect3d.train.dataset import load_layers
-from inspect3d.train.loop import batch_for_memory, peak_rss_mb, resolve_device
 
 log = logging.getLogger(__name__)
 DEFECT_CLASS = "defect"

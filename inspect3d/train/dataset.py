@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from inspect3d.data.layers import load_layers
 from inspect3d.data.manifest import Item
 from inspect3d.data.preprocess import Preprocess
-
-__all__ = ["MASK_STRIDE", "LayerDataset", "load_layers", "load_masks"]
-
 
 MASK_STRIDE = 4  # masks are kept at 1/4 of the input size; the defect map is coarser still
 

@@ -13,29 +13,9 @@ from tqdm import tqdm
 
 from inspect3d.models.device import (
     autocast,
-    batch_for_memory,
-    memory_format,
-    peak_rss_mb,
-    resolve_device,
     to_memory_format,
 )
 from inspect3d.train.augment import AugmentSettings, augment
-
-# names other modules still import from here (their home is inspect3d.models.device)
-__all__ = [
-    "EpochSpec",
-    "Optimisation",
-    "StepTimes",
-    "autocast",
-    "batch_for_memory",
-    "cell_targets",
-    "memory_format",
-    "peak_rss_mb",
-    "predict",
-    "resolve_device",
-    "to_memory_format",
-    "train_one_epoch",
-]
 
 
 @dataclass
