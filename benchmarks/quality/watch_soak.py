@@ -276,7 +276,7 @@ def count(state: Path, written: dict, ran: Path) -> dict:
     return {
         "good_layers": len(written["good"]),
         "good_lost": len(lost),
-        "lost_examples": lost[:5],
+        "lost_examples": {rel: layers.get(rel) for rel in lost[:5]},  # (status, error) or None
         "bad_files": len(written["bad"]),
         "bad_not_recorded_once_with_reason": len(wrong),
         "wrong_examples": dict(list(wrong.items())[:5]),
