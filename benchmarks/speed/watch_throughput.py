@@ -121,15 +121,16 @@ def main() -> None:
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")  # fmt: skip
         heads = ("printers", "bare l/s", "watch l/s", "overhead", "p50 s", "p95 s")
         print(" ".join(f"{h:>9}" for h in heads))
-        for p in [int(x) for x in args.printers.split(",")]:
+        # each run its own inbox and state: a printer count given twice is measured twice
+        for run, p in enumerate(int(x) for x in args.printers.split(",")):
             bare = statistics.median(bare_seconds(model, files) for _ in range(3))
-            watch = throughput(Path(args.model), files, p, Path(tmp) / f"t{p}")
+            watch = throughput(Path(args.model), files, p, Path(tmp) / f"t{run}")
             lat = latencies(
                 Path(args.model),
                 files,
                 p,
                 0.5 * len(files) / bare,
-                Path(tmp) / f"l{p}",
+                Path(tmp) / f"l{run}",
                 args.settle,
             )
             p50, p95 = np.percentile(lat, [50, 95])
