@@ -27,4 +27,5 @@ def to_stdout() -> Iterator[None]:
         yield
     finally:
         RESULTS.removeHandler(handler)
-        RESULTS.level, RESULTS.propagate = saved
+        RESULTS.setLevel(saved[0])  # setLevel, not .level: it also clears the level cache
+        RESULTS.propagate = saved[1]

@@ -263,14 +263,14 @@ def good_patches(
     transforms = view_transforms(nc.mirror, nc.rotations)
     cap = per_view_cap(nc.coreset_pool, len(images), len(transforms))
     gen = torch.Generator().manual_seed(seed)
-    regions = region_ids(len(images), tuple(cells.shape[1:]), nc.calib_grid)
+    regions = region_ids(1, tuple(cells.shape[1:]), nc.calib_grid)  # alike for every layer
     tables, plain = [], None
     for dims, degrees in transforms:
         layers = rotate_layers(mirror(images, dims), degrees)
         view = extract(net, layers, batch, device, nc.progress)
         plain = view if plain is None else plain
         view_cells = rotate_cells(mirror(cells, dims), degrees)
-        view_regions = turn_ids(mirror(regions, dims), degrees)
+        view_regions = turn_ids(mirror(regions, dims), degrees).expand(len(images), -1, -1)
         tables.append(sample_patches(view, view_cells, view_regions, cap, gen))
     log.info("%d views of each good layer in the bank's patch table", len(transforms))
     return plain, concat(tables)

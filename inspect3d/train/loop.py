@@ -11,10 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from inspect3d.models.device import (
-    autocast,
-    to_memory_format,
-)
+from inspect3d.models.device import autocast, to_memory_format
 from inspect3d.train.augment import AugmentSettings, augment
 
 

@@ -240,10 +240,9 @@ class _Training:
         # a probe's features were computed once, from the layers as they are: no augmentation
         aug = None if plan.probe else augment_settings(cfg.data)
         map_weight = map_loss_weight(loaders.train.dataset, t.map_loss_weight)
-        self.spec = EpochSpec.of_trainer(t, device, aug, map_weight)
-        self.spec = replace(self.spec, progress=self.spec.progress and distributed.is_main())
-        self.amp = self.spec.amp
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        spec = EpochSpec.of_trainer(t, device, aug, map_weight)
+        self.spec = replace(spec, progress=spec.progress and distributed.is_main())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.spec.amp)
         model.to(memory_format=memory_format(device))
         self.history: list[dict] = []
         self.best = (-1.0, float("inf"))
@@ -310,7 +309,7 @@ class _Training:
         )
 
     def _validate(self) -> tuple[dict, np.ndarray, np.ndarray, float]:
-        probs, labels, logits = predict(self.scorer, self.loaders.val, self.device, self.amp)
+        probs, labels, logits = predict(self.scorer, self.loaders.val, self.device, self.spec.amp)
         val_loss = (
             float(
                 self.criterion(
