@@ -135,6 +135,42 @@ def test_scores_match_bare_model_and_batches_mix_printers(watcher, synth_dir):
     assert summary(w.state)["health"]["running"] is False
 
 
+def test_a_backlog_is_scored_batch_by_batch_after_one_poll(watcher, synth_dir):
+    w = watcher(batch_size=2)
+    imgs = layer_images(synth_dir, 7)
+    for i, src in enumerate(imgs):
+        put(w.cfg, "p1", "j", f"layer_{i:04d}.png", src)
+    put(w.cfg, "p1", "j", "JOB_END", b"")
+    polls, batches = [], []
+    poll, score = w.scanner.poll, w.model.score_inputs
+    w.scanner.poll = lambda *a, **k: polls.append(1) or poll(*a, **k)
+    w.model.score_inputs = lambda x, *a: batches.append(len(x)) or score(x, *a)
+    assert w.step() is True
+    assert (len(polls), batches) == (1, [2, 2, 2, 1])  # 4 inference calls, one inbox walk
+    rows = db(w.cfg).execute("SELECT score FROM layers ORDER BY layer").fetchall()
+    bare = w.model.predict_batch(imgs)
+    assert np.allclose([r["score"] for r in rows], [s.defect_score for s in bare], atol=1e-5)
+    (job,) = jobs(w.state)
+    assert (job["final"], job["ended_by"]) == (True, "marker")  # all its layers were in
+
+
+def test_a_stop_request_ends_a_step_after_the_batch_in_hand(watcher, synth_dir):
+    w = watcher(batch_size=2)
+    for i, src in enumerate(layer_images(synth_dir, 6)):
+        put(w.cfg, "p1", "j", f"layer_{i:04d}.png", src)
+    put(w.cfg, "p1", "j", "JOB_END", b"")
+    record = w.book.record
+    w.book.record = lambda results: (record(results), w.stop_requested.set())
+    w.step()
+    assert summary(w.state)["layers_scored"] == 2 and jobs(w.state)[0]["final"] is False
+    w.stop_requested.clear()
+    w.book.record = record
+    drain(w)
+    rels = [r[0] for r in db(w.cfg).execute("SELECT rel FROM layers")]
+    assert sorted(rels) == [f"p1/j/layer_{i:04d}.png" for i in range(6)]  # each once
+    assert jobs(w.state)[0]["ended_by"] == "marker"
+
+
 def test_restart_resumes_without_rescoring_or_repeating_decisions(tmp_path, exported, synth_dir):
     cfg = make_cfg(tmp_path, exported)
     imgs = layer_images(synth_dir, 6)

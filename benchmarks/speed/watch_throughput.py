@@ -2,8 +2,11 @@
 
 For 1, 10 and 50 simulated printers, in one run:
 - throughput: N layers already in the inbox; the watcher drains it (scan, checks, hash, decode,
-  score, SQLite transaction, policy, reject log) vs ``predict_batch`` in batches of the same
-  size over the same files; reported as layers/s and the watcher's overhead in %;
+  score, SQLite transaction, policy, reject log) vs bare scoring of the same files in batches of
+  the same size: ``predict_batch`` (decode, then infer) and ``predict_files`` (the next batch
+  decoded during inference); reported as layers/s and the watcher's overhead in % over each;
+  ``--step-batches 1,8`` measures the watcher scoring 1 or 8 batches of a backlog per step
+  (``STEP_BATCHES``: each decoded during the one before) in the same run;
 - latency: the printers write layers (temp name + rename) at half the bare rate; file arrival
   (its mtime) to recorded decision, p50/p95. ``settle_s`` (how long a file must be unchanged)
   is part of it by design.
@@ -29,6 +32,7 @@ import numpy as np
 
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.infer import OnnxModel
+from inspect3d.watch import service
 from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.service import Watcher
 
@@ -48,6 +52,13 @@ def bare_seconds(model: OnnxModel, files: list[Path]) -> float:
     t = time.perf_counter()
     for i in range(0, len(files), BATCH):
         model.predict_batch(files[i : i + BATCH])
+    return time.perf_counter() - t
+
+
+def overlapped_seconds(model: OnnxModel, files: list[Path]) -> float:
+    t = time.perf_counter()
+    for _ in model.predict_files(files, batch_size=BATCH):
+        pass
     return time.perf_counter() - t
 
 
@@ -107,6 +118,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=200)
     ap.add_argument("--printers", default="1,10,50")
     ap.add_argument("--settle", type=float, default=0.2)
+    ap.add_argument("--step-batches", default=str(service.STEP_BATCHES))
+    ap.add_argument("--rounds", type=int, default=3, help="medians over this many runs of each")
     args = ap.parse_args()
     logging.getLogger("inspect3d").setLevel(logging.ERROR)  # no decision lines here
     model = OnnxModel.load(args.model)
@@ -119,23 +132,46 @@ def main() -> None:
         files = sorted((Path(tmp) / "data").glob("*/*.png"))[: args.layers]
         print(f"{len(files)} layers of {size} px, batch {BATCH}, settle {args.settle} s; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")  # fmt: skip
-        heads = ("printers", "bare l/s", "watch l/s", "overhead", "p50 s", "p95 s")
-        print(" ".join(f"{h:>9}" for h in heads))
+        heads = ("printers", "steps of", "bare l/s", "files l/s", "watch l/s", "over bare",
+                 "over files", "p50 s", "p95 s")  # fmt: skip
+        print(" ".join(f"{h:>10}" for h in heads))
+        steps = [int(x) for x in args.step_batches.split(",")]
         # each run its own inbox and state: a printer count given twice is measured twice
         for run, p in enumerate(int(x) for x in args.printers.split(",")):
-            bare = statistics.median(bare_seconds(model, files) for _ in range(3))
-            watch = throughput(Path(args.model), files, p, Path(tmp) / f"t{run}")
-            lat = latencies(
-                Path(args.model),
-                files,
-                p,
-                0.5 * len(files) / bare,
-                Path(tmp) / f"l{run}",
-                args.settle,
-            )
-            p50, p95 = np.percentile(lat, [50, 95])
-            print(f"{p:>9} {len(files) / bare:>9.1f} {len(files) / watch:>9.1f} "
-                  f"{100 * (watch / bare - 1):>8.1f}% {p50:>9.3f} {p95:>9.3f}")  # fmt: skip
+            times = {k: {"bare": [], "over": [], "watch": [], "lat": []} for k in steps}
+            for r in range(args.rounds):  # the variants in turn, round by round: drift hits all
+                for k in steps:
+                    settle = args.settle if r == 0 else None  # latencies: the first round
+                    got = measure(model, files, (p, k), Path(tmp) / f"r{run}-{k}-{r}", settle)
+                    times[k] = {name: times[k][name] + got[name] for name in got}
+            for k, t in times.items():
+                print(row(p, k, len(files), t), flush=True)
+
+
+def measure(
+    model: OnnxModel, files: list[Path], setting: tuple[int, int], root: Path, settle: float | None
+) -> dict:
+    """Seconds of bare scoring, overlapped bare scoring and a watcher, for ``setting``
+    (printers, batches per step), and with ``settle`` the arrival-to-decision latencies."""
+    printers, service.STEP_BATCHES = setting
+    bare = [bare_seconds(model, files)]
+    over = [overlapped_seconds(model, files)]
+    watch = [throughput(Path(model.path), files, printers, root / "t")]
+    lat = []
+    if settle is not None:
+        lat = latencies(Path(model.path), files, printers, 0.5 * len(files) / bare[0],
+                        root / "l", settle)  # fmt: skip
+    return {"bare": bare, "over": over, "watch": watch, "lat": lat}
+
+
+def row(printers: int, step_batches: int, n: int, t: dict) -> str:
+    bare, over, watch = (statistics.median(t[k]) for k in ("bare", "over", "watch"))
+    p50, p95 = np.percentile(t["lat"], [50, 95])
+    return (
+        f"{printers:>10} {step_batches:>10} {n / bare:>10.1f} {n / over:>10.1f} "
+        f"{n / watch:>10.1f} {100 * (watch / bare - 1):>9.1f}% {100 * (watch / over - 1):>9.1f}% "
+        f"{p50:>10.3f} {p95:>10.3f}"
+    )
 
 
 if __name__ == "__main__":

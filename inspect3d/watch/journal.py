@@ -78,23 +78,33 @@ class RejectLog:
 
     def append(self, record: dict) -> bool:
         """Write ``record`` unless its decision id is there already; True if written now."""
-        did = record["decision_id"]
-        if did in self.written:
-            return False
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        return bool(self.append_many([record]))
+
+    def append_many(self, records: list[dict]) -> list[dict]:
+        """Write the records whose decision ids are not there yet, in one write and one sync
+        (all of them or, after a failed write, none: the file is cut back); returns them."""
+        new, ids = [], set()
+        for record in records:
+            did = record["decision_id"]
+            if did not in self.written and did not in ids:
+                new.append(record)
+                ids.add(did)
+        if not new:
+            return []
+        data = b"".join((json.dumps(r, sort_keys=True) + "\n").encode() for r in new)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             before = os.fstat(fd).st_size
             try:
-                self._write(fd, line)
+                self._write(fd, data)
                 os.fsync(fd)
             except OSError:
                 _cut_back(fd, before)
                 raise
         finally:
             os.close(fd)
-        self.written.add(did)
-        return True
+        self.written |= ids
+        return new
 
     @staticmethod
     def _write(fd: int, data: bytes) -> None:

@@ -73,15 +73,16 @@ class Outbox:
         self.drain()
 
     def _log(self) -> None:
-        done = []
+        """Append the decisions not yet in the reject log, all in one synced write."""
+        rows = self.store.unlogged()
         try:
-            for row in self.store.unlogged():
-                if self.rejects.append(row.record):
-                    log.warning("%s", journal.describe(row.record))
-                done.append(row.id)
-        except OSError as exc:  # e.g. disk full: the record stays pending and is retried
+            written = self.rejects.append_many([row.record for row in rows])
+        except OSError as exc:  # e.g. disk full: the records stay pending and are retried
             self.errors("reject-log", f"cannot write {self.rejects.path}: {exc}")
-        self.store.set_flags(done, "logged")
+            return
+        for record in written:
+            log.warning("%s", journal.describe(record))
+        self.store.set_flags([row.id for row in rows], "logged")
 
     def _evidence(self) -> None:
         done = []

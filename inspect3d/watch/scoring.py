@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,17 +167,24 @@ def decode(
     return image, "; ".join(notes) or None
 
 
-def score_batch(
-    model: OnnxModel, arrivals: list[Arrival], inbox: Path, limits: Limits
-) -> list[LayerResult]:
-    """Check, decode and score ``arrivals`` (one onnxruntime call for all good ones).
+Prepared = tuple[LayerResult, np.ndarray | None]
 
-    Files are read, hashed and decoded on a few threads at once (OpenCV and hashlib release
-    the GIL), so layers landing together from many printers use all cores before inference.
+
+def prepare_batch(
+    model: OnnxModel, arrivals: list[Arrival], inbox: Path, limits: Limits
+) -> list[Future[Prepared]]:
+    """Start reading, hashing, checking and decoding ``arrivals`` on the decode threads.
+
+    OpenCV and hashlib release the GIL, so layers landing together from many printers use all
+    cores, and the next batch decodes while the current one is scored and recorded.
     """
+    return [_pool().submit(_prepare, model, a, inbox, limits) for a in arrivals]
+
+
+def score_prepared(model: OnnxModel, prepared: list[Future[Prepared]]) -> list[LayerResult]:
+    """Wait for the prepared files and score the decoded ones in one inference call."""
     results, images = [], []
-    prepared = list(_pool().map(lambda a: _prepare(model, a, inbox, limits), arrivals))
-    for result, image in prepared:
+    for result, image in (f.result() for f in prepared):
         results.append(result)
         if image is not None:
             images.append((result, image))

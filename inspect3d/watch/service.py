@@ -34,16 +34,18 @@ from inspect3d.infer.model import OnnxModel
 from inspect3d.infer.providers import check_available
 from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.db import open_store
-from inspect3d.watch.inbox import InboxScanner
+from inspect3d.watch.inbox import Arrival, InboxScanner
 from inspect3d.watch.jobbook import JobBook, ModelStamp
 from inspect3d.watch.outbox import Outbox
-from inspect3d.watch.scoring import LayerResult, Limits, score_batch
+from inspect3d.watch.scoring import LayerResult, Limits, prepare_batch, score_prepared
 from inspect3d.watch.store import Store
 
 log = logging.getLogger(__name__)
 LOG_NAME, LOCK_NAME = "watch.log", "watch.lock"
 INBOX_LOCK = ".inspect3d-watch.lock"
 RELOAD_REQUEST = "reload.request"
+# batches of a backlog scored in one step (one inbox poll), each decoded during the one before
+STEP_BATCHES = 8
 
 
 def absolute(path: str | Path) -> Path:
@@ -254,17 +256,38 @@ class Watcher:
         arrivals = self.scanner.poll(self.book.known, now, skip)
         self._listed_all = True
         self._note_scan_error()
-        layers = [a for a in arrivals if not a.marker][: self.cfg.batch_size]
-        results = score_batch(self.model, layers, self.inbox, self.limits) if layers else []
-        retry = self._defer(results)
-        self.book.record([r for r in results if r.status != "retry"])
-        rest = {(a.printer, a.job) for a in arrivals[len(layers) :] if not a.marker}
+        layers = [a for a in arrivals if not a.marker][: self.cfg.batch_size * STEP_BATCHES]
+        done, retry = self._score_and_record(layers)
+        rest = {(a.printer, a.job) for a in arrivals if not a.marker and a.rel not in done}
         rest |= retry | self.scanner.waiting  # end a job only once all its files are in
         markers = [a for a in arrivals if a.marker and (a.printer, a.job) not in rest]
         self.book.end_jobs(markers, time.time() if now is None else now)
         self.outbox.flush()
-        self._update_health(len(arrivals) - len(layers) - len(markers))
-        return bool(layers or markers)
+        self._update_health(len(arrivals) - len(done) - len(markers))
+        return bool(done or markers)
+
+    def _score_and_record(self, layers: list[Arrival]) -> tuple[set[str], set[tuple[str, str]]]:
+        """Score and record ``layers`` in batches, decoding the next batch while this one is
+        scored and recorded; a stop request ends it after the batch in hand. Returns the
+        layers handled (recorded or handed back to the scanner) and the jobs that wait for a
+        file handed back."""
+        size = self.cfg.batch_size
+        batches = [layers[i : i + size] for i in range(0, len(layers), size)]
+        done, retry = set(), set()
+        pending = prepare_batch(self.model, batches[0], self.inbox, self.limits) if batches else []
+        for i, batch in enumerate(batches):
+            ready, pending = pending, []
+            if i + 1 < len(batches):
+                pending = prepare_batch(self.model, batches[i + 1], self.inbox, self.limits)
+            results = score_prepared(self.model, ready)
+            retry |= self._defer(results)
+            self.book.record([r for r in results if r.status != "retry"])
+            done |= {a.rel for a in batch}
+            if self.stop_requested.is_set():
+                break
+        for future in pending:  # stopped: decoded, never recorded; listed again on start
+            future.cancel()
+        return done, retry
 
     def _defer(self, results: list[LayerResult]) -> set[tuple[str, str]]:
         """Files that may still be being written go back to the scanner; their jobs wait."""
