@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine_line
 
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.infer import OnnxModel
@@ -118,7 +118,7 @@ def main() -> None:
         )
         files = sorted((Path(tmp) / "data").glob("*/*.png"))[: args.layers]
         print(f"{len(files)} layers of {size} px, batch {BATCH}, settle {args.settle} s; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")  # fmt: skip
+              f"{machine_line()}")  # fmt: skip
         heads = ("printers", "bare l/s", "watch l/s", "overhead", "p50 s", "p95 s")
         print(" ".join(f"{h:>9}" for h in heads))
         # each run its own inbox and state: a printer count given twice is measured twice
