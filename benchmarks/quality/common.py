@@ -1,18 +1,17 @@
-"""Shared pieces of the quality benchmarks: machine, configs, pooled figures, JSON and docs.
+"""Shared pieces of the quality benchmarks: configs, CV runs, pooled figures, policy replay, plots.
 
 Each benchmark in this folder is one command that writes ``docs/quality/<name>.json`` and
-rewrites its own section of ``docs/quality.md`` (between ``<!-- quality:<name> -->`` markers),
-so the benchmarks can be rerun one at a time.
+rewrites its own section of ``docs/quality.md`` (between ``<!-- quality:<name> begin -->`` and
+``<!-- quality:<name> end -->``), so the benchmarks can be rerun one at a time. The machine,
+the results file, the section writer and pyplot are ``benchmarks/support.py``'s.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import os
-import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,9 +22,12 @@ from typing import Any
 import numpy as np
 
 from inspect3d.data.manifest import Item, read_manifest
-from inspect3d.io import write_json_atomic, write_text_atomic
 from inspect3d.metrics import summarize, wilson_interval
 from inspect3d.watch.policy import LayerObs, PolicyConfig, replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for support.py
+# the scripts use these as common's: one definition each, in support.py
+from support import load_results, machine, machine_line, pyplot, save_results, write_section  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = Path(os.environ.get("INSPECT3D_SHARED", REPO.parent / "shared" / "datasets"))
@@ -34,24 +36,6 @@ RESULTS = REPO / "docs" / "quality"
 IMG = REPO / "docs" / "img"
 WORK = REPO / "outputs" / "quality"
 SEED = 0
-
-
-def machine() -> dict:
-    """What the figures were measured on (printed and stored with every result)."""
-    import onnxruntime
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def threads() -> int:
@@ -66,16 +50,9 @@ def print_machine() -> dict:
 
     torch.set_num_threads(threads())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    m = machine()
+    m = machine() | {"torch_threads": torch.get_num_threads()}
     print("machine: " + ", ".join(f"{k}={v}" for k, v in m.items()), flush=True)
     return m
-
-
-def machine_line(m: dict) -> str:
-    return (
-        f"{m['cpus']}-core {m['processor']} CPU, torch {m['torch']}, "
-        f"onnxruntime {m['onnxruntime']}, {m['date']}"
-    )
 
 
 def compose_train(overrides: list[str]):
@@ -375,45 +352,19 @@ def delay_by_defect(bad: list[dict]) -> dict:
 # outputs
 
 
-def load_results(name: str) -> dict:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def save_results(name: str, results: dict) -> Path:
-    return write_json_atomic(RESULTS / f"{name}.json", results)
-
-
 def merge_results(name: str, results: dict, variants: list[str]) -> dict:
     """Save ``results``, keeping the other variants' results another run saved meanwhile."""
-    merged = load_results(name).get("variants", {})
+    merged = load_results(RESULTS, name).get("variants", {})
     merged.update({v: results["variants"][v] for v in variants})
     results = results | {"variants": merged}
-    save_results(name, results)
+    save_results(RESULTS, name, results)
     return results
 
 
 def update_section(name: str, text: str, doc: Path = DOC) -> Path:
     """Replace this benchmark's section of ``doc`` (between its markers), or append it."""
     begin, end = f"<!-- quality:{name} begin -->", f"<!-- quality:{name} end -->"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    old = doc.read_text() if doc.is_file() else "# Quality on real and synthetic layers\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    return write_text_atomic(doc, new)
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (benchmarks draw PNGs, no window)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return write_section(doc, begin, end, text, "# Quality on real and synthetic layers")
 
 
 def savefig(fig, name: str) -> Path:

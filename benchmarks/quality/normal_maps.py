@@ -291,7 +291,7 @@ def main() -> None:
     args = ap.parse_args()
     work = common.WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
-    results = common.load_results(NAME) or {}
+    results = common.load_results(common.RESULTS, NAME) or {}
     results["machine"] = common.print_machine()
     stamp = results["machine"]["date"]
     cases = {"defaults": (False, True), "part_masks": (True, True), "plain_powder": (False, False)}
@@ -303,7 +303,7 @@ def main() -> None:
         print(results["synthetic"])
     if args.only in (None, "eos", "eos-masks"):
         results["eos"] = eos(work, results.get("eos", []), args.only == "eos-masks", stamp)
-    common.save_results(NAME, results)
+    common.save_results(common.RESULTS, NAME, results)
     common.update_section(NAME, report(results))
     print(report(results))
 

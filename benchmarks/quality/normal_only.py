@@ -404,7 +404,7 @@ def main() -> None:
     ap.add_argument("--synth-test-jobs", type=int, default=30, help="per printer")
     ap.add_argument("--report-only", action="store_true", help="rewrite the doc from the JSON")
     args = ap.parse_args()
-    results = common.load_results(NAME)
+    results = common.load_results(common.RESULTS, NAME)
     if args.report_only:
         plot(results)
         common.update_section(NAME, section(results))
@@ -412,13 +412,13 @@ def main() -> None:
     m = common.print_machine()
     if args.only in (None, "pblm"):
         results["pblm"] = run_pblm(args)
-        common.save_results(NAME, results)
+        common.save_results(common.RESULTS, NAME, results)
     if args.only in (None, "synth"):
         results["synth"] = run_synth(args)
     results["machine"] = m
     results["normal_settings"] = FITTED.get("settings")
     results["rows"] = goal_rows(results)
-    common.save_results(NAME, results)
+    common.save_results(common.RESULTS, NAME, results)
     plot(results)
     text = section(results)
     common.update_section(NAME, text)

@@ -161,7 +161,7 @@ def main() -> None:
     classes = class_list(items, cfg.data.normal_class)
     y = np.array([classes.index(it.label) for it in items])
     splits = common.kfold_splits(items, cfg, args.folds)
-    results = common.load_results(NAME)
+    results = common.load_results(common.RESULTS, NAME)
     results.setdefault("variants", {})
     results.update(machine=m, settings=settings(args, cfg), classes=classes)
     results["counts"] = {c: int((y == i).sum()) for i, c in enumerate(classes)}

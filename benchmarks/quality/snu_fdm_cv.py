@@ -136,7 +136,7 @@ def main() -> None:
     classes = class_list(items, "success")
     y = np.array([classes.index(it.label) for it in items])
     splits = common.kfold_splits(items, cfg, args.folds)
-    results = common.load_results(NAME)
+    results = common.load_results(common.RESULTS, NAME)
     results.setdefault("variants", {})
     results.update(
         machine=m,

@@ -75,7 +75,7 @@ def watch_rows(r: dict) -> list[str]:
         if name.endswith("(default)"):
             what = f"watcher policy {name}"
             out += policy_goal_rows(p, f"{what}: share of defective jobs", what)
-    normal = common.load_results("normal_only").get("synth", {}).get("tests", {})
+    normal = common.load_results(common.RESULTS, "normal_only").get("synth", {}).get("tests", {})
     for name, p in normal.get("synth-a", {}).get("policies", {}).items():
         if name.endswith("(default)"):
             what = f"normal-only model, policy {name}"
@@ -111,10 +111,10 @@ def policy_goal_rows(p: dict, caught: str, false_rejects: str) -> list[str]:
 
 def main() -> None:
     rows = [
-        *pblm_rows(common.load_results("pblm_cv")),
-        *snu_rows(common.load_results("snu_fdm_cv")),
-        *normal_rows(common.load_results("normal_only")),
-        *watch_rows(common.load_results("watch_policy")),
+        *pblm_rows(common.load_results(common.RESULTS, "pblm_cv")),
+        *snu_rows(common.load_results(common.RESULTS, "snu_fdm_cv")),
+        *normal_rows(common.load_results(common.RESULTS, "normal_only")),
+        *watch_rows(common.load_results(common.RESULTS, "watch_policy")),
     ]
     text = "\n".join(
         [

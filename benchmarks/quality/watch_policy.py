@@ -168,7 +168,7 @@ def main() -> None:
         name: threshold_sweep(test, scores, POLICIES[name], args) for name in SWEPT
     }
     results["minutes"]["total"] = (time.time() - t0) / 60
-    common.save_results(NAME, results)
+    common.save_results(common.RESULTS, NAME, results)
     plot(test, scores, results)
     text = section(results)
     common.update_section(NAME, text)

@@ -1,17 +1,14 @@
-"""Shared pieces of the speed benchmarks: the machine line, timing, docs sections, FLOPs.
+"""Shared pieces of the speed benchmarks: timing, the docs section, FLOPs, kernel profiles.
 
 Rules (shared/GUIDE.md §6): variants are measured in the same run, interleaved, and compared
-as ratios of medians; the machine (and its load) is printed with every result.
+as ratios of medians; the machine (and its load) is printed with every result. The machine,
+the results file, the section writer and pyplot are ``benchmarks/support.py``'s.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import os
-import platform
-import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,35 +17,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from inspect3d.infer.cpu import cpu_name, cpu_summary
-from inspect3d.io import write_text_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for support.py
+# the scripts use these as common's: one definition each, in support.py
+from support import load_results, machine, machine_line, pyplot, save_results, write_section  # noqa: E402, F401
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "speed.md"
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    return cpu_name()
-
-
-def cpu_features() -> str:
-    return cpu_summary()
-
-
-def machine_line() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{cpu_model()} ({cpu_features()}), {os.cpu_count()} cores, load {load:.1f}; "
-        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}{_openvino_version()}"
-    )
-
-
-def _openvino_version() -> str:
-    try:
-        return f", OpenVINO {importlib.metadata.version('openvino')}"
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -76,42 +50,18 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def write_section(name: str, text: str, doc: Path = DOC) -> None:
-    """Replace the ``<!-- name:begin -->``..``<!-- name:end -->`` block of ``doc`` (or append);
-    atomically: a reader never sees half a file."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    old = doc.read_text() if doc.exists() else "# Speed\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    new = (
-        pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old.rstrip()}\n\n{block}\n"
-    )
-    write_text_atomic(doc, new)
-
-
-def save_results(name: str, results: dict, folder: Path = RESULTS, indent: int = 1) -> Path:
-    """``folder/<name>.json`` (results/ by default), written atomically."""
-    text = json.dumps(results, indent=indent, default=str)
-    return write_text_atomic(Path(folder) / f"{name}.json", text)
+def update_section(name: str, text: str, doc: Path = DOC) -> Path:
+    """Replace the ``<!-- name:begin -->``..``<!-- name:end -->`` block of ``doc`` (or append)."""
+    return write_section(doc, f"<!-- {name}:begin -->", f"<!-- {name}:end -->", text, "# Speed")
 
 
 def publish(name: str, text: str, results: dict, doc: bool = True) -> None:
     """Print ``text``, keep ``results`` in results/<name>.json and, with ``doc``, write ``text``
     as the ``name`` section of docs/speed.md."""
     print(text)
-    save_results(name, results)
+    save_results(RESULTS, name, results)
     if doc:
-        write_section(name, text)
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (benchmarks draw PNGs, no window)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+        update_section(name, text)
 
 
 def conv_flops(path: str | Path, batch: int = 1) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import RESULTS, interleaved, machine_line, med, save_results
+from common import RESULTS, interleaved, machine, med, save_results
 
 from inspect3d.config import compose
 from inspect3d.data.synth import SynthConfig, generate
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", default="smallcnn,resnet18")
     args = ap.parse_args()
-    res: dict = {"machine": machine_line(), "card": card(), "torch": torch.__version__,
+    res: dict = {"machine": machine(), "card": card(), "torch": torch.__version__,
                  "cuda": torch.cuda.is_available()}  # fmt: skip
     if torch.cuda.is_available():
         res["torch_device"] = torch.cuda.get_device_name(0)
@@ -115,7 +115,7 @@ def main() -> None:
         export_run(compose("export", [f"run={run}"]))
         res["onnxruntime"] = ort_speed(run / "model.onnx", args)
     print(json.dumps(res, indent=1))
-    save_results("gpu", res, Path(os.environ.get("OUT") or RESULTS))
+    save_results(Path(os.environ.get("OUT") or RESULTS), "gpu", res)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import conv_flops, interleaved, machine_line, med, save_results, sgemm_peak, timed
-from common import write_section as write_doc
+from common import (
+    RESULTS,
+    conv_flops,
+    interleaved,
+    machine,
+    machine_line,
+    med,
+    save_results,
+    sgemm_peak,
+    timed,
+    update_section,
+)
 
 from inspect3d.data.preprocess import Preprocess, decode_image
 from inspect3d.data.synth import SynthConfig, render_job
@@ -162,9 +172,8 @@ def report(args, res: dict) -> str:
     lines = [
         "## Scoring a layer on CPU, stage by stage (`benchmarks/speed/infer_latency.py`)",
         "",
-        f"Machine: {res['machine']}. torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads). Default model: smallcnn, input {pre}x{pre} grey, batch 1, medians of "
-        f"{args.repeats} runs; layer files: {res['source']}.",
+        f"Machine: {machine_line(res['machine'])}. Default model: smallcnn, input {pre}x{pre} "
+        f"grey, batch 1, medians of {args.repeats} runs; layer files: {res['source']}.",
         "",
         "| layer file | read | decode full | decode reduced | preprocess (after full / "
         "reduced) | inference | postprocess | total (reduced) | layers/s |",
@@ -224,8 +233,9 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/speed.md")
     args = ap.parse_args()
     pre = Preprocess(height=args.size, width=args.size)
-    res: dict = {"machine": machine_line(), "size": args.size}
-    print(res["machine"], flush=True)
+    m = machine() | {"torch_threads": torch.get_num_threads()}
+    res: dict = {"machine": m, "size": args.size}
+    print(machine_line(res["machine"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = layer_files(Path(tmp))
         res["source"] = "PBLM (real)" if PBLM in files["1024x1024"].parents else "synthetic"
@@ -242,9 +252,9 @@ def main() -> None:
         }
     text = report(args, res)
     print(text)
-    save_results("infer_latency", res)
+    save_results(RESULTS, "infer_latency", res)
     if not args.no_doc:
-        write_doc("infer_latency", text)
+        update_section("infer_latency", text)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import cpu_features, interleaved, machine_line, med, op_profile, publish
+from common import interleaved, machine, machine_line, med, op_profile, publish
 
 from inspect3d.config import compose
 from inspect3d.data.layers import load_layers
@@ -77,10 +77,10 @@ def report(res: dict, args) -> str:
     lines = [
         "## int8 vs fp32 (`benchmarks/speed/int8.py`)",
         "",
-        f"Machine: {res['machine']}. Default model (smallcnn) trained {args.epochs} epochs on "
-        f"synthetic jobs at {args.size} px; int8 = static QDQ (uint8 activations, int8 "
-        "per-channel weights) calibrated on training layers, the `inspect3d export "
-        "quantize=int8` path.",
+        f"Machine: {machine_line(res['machine'])}. Default model (smallcnn) trained "
+        f"{args.epochs} epochs on synthetic jobs at {args.size} px; int8 = static QDQ (uint8 "
+        "activations, int8 per-channel weights) calibrated on training layers, the `inspect3d "
+        "export quantize=int8` path.",
         "",
         f"Held-out synthetic jobs (N = {acc['n']} layers, {acc['n_jobs']} jobs): accuracy fp32 "
         f"**{acc['fp32']:.3f}**, int8 **{acc['int8']:.3f}** "
@@ -105,9 +105,9 @@ def report(res: dict, args) -> str:
         lines.append(f"| {op} | {fp32:.0f}% | {int8:.0f}% |")
     lines += [
         "",
-        f"CPU features: {cpu_features()}. onnxruntime's int8 convolutions gain most with VNNI "
-        "(avx512_vnni / avx_vnni) or AMX; on AVX2 alone the u8 x s8 products go through 16-bit "
-        "intermediate sums, so the speed-up is smaller than on newer CPUs.",
+        f"CPU features: {res['machine']['cpu_flags']}. onnxruntime's int8 convolutions gain "
+        "most with VNNI (avx512_vnni / avx_vnni) or AMX; on AVX2 alone the u8 x s8 products go "
+        "through 16-bit intermediate sums, so the speed-up is smaller than on newer CPUs.",
     ]
     return "\n".join(lines)
 
@@ -123,8 +123,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
-    res: dict = {"machine": machine_line()}
-    print(res["machine"], flush=True)
+    res: dict = {"machine": machine()}
+    print(machine_line(res["machine"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         run, holdout = trained_run(Path(tmp), args.epochs, args.size)
         res["accuracy"] = accuracy(run, holdout)

@@ -27,7 +27,6 @@ depend on the values; the errors of the approximate variants do, a little).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -37,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import RESULTS, cpu_model, machine_line, med, save_results
-from common import write_section as write_doc
+from common import RESULTS, load_results, machine, machine_line, med, save_results, update_section
 from torch import nn
 
 import inspect3d.normal.patch as patch
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.export.onnx import _torch_export
+from inspect3d.infer.cpu import cpu_flags
 from inspect3d.infer.model import session_options
 from inspect3d.infer.providers import openvino_installed
 from inspect3d.models import ScoringNet
@@ -52,7 +51,6 @@ HEIGHT, WIDTH = 1024, 1280
 BANKS = (1024, 2048, 4096, 10000)
 THREADS = 2
 OPSET = 18
-JSON = RESULTS / "normal_scoring.json"
 for _name in ("onnxscript", "onnx_ir", "torch.onnx"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -228,14 +226,14 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the doc from the JSON")
     args = ap.parse_args()
     if args.report_only:
-        write_doc("normal_scoring", report(json.loads(JSON.read_text())))
+        update_section("normal_scoring", report(load_results(RESULTS, "normal_scoring")))
         return
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    res: dict = {"machine": machine_line(), "cpu": cpu_model(), "flags": _flags()}
+    res: dict = {"machine": machine(), "flags": _flags()}
     res.update(threads=THREADS, repeats=args.repeats, height=HEIGHT, width=WIDTH)
-    print(res["machine"], "| flags:", res["flags"], flush=True)
+    print(machine_line(res["machine"]), "| flags:", res["flags"], flush=True)
 
     pre = Preprocess(height=HEIGHT, width=WIDTH)
     layers = synthetic_layers(pre, 3)  # 2 for the bank, 1 to score
@@ -328,9 +326,9 @@ def main() -> None:
     res["seconds"] = round(time.perf_counter() - t0)
     text = report(res)
     print(text)
-    save_results("normal_scoring", res)
+    save_results(RESULTS, "normal_scoring", res)
     if not args.no_doc:
-        write_doc("normal_scoring", text)
+        update_section("normal_scoring", text)
 
 
 def openvino_runs(whole: dict, search: dict, ok: set, x: np.ndarray, q: np.ndarray) -> dict:
@@ -346,10 +344,7 @@ def openvino_runs(whole: dict, search: dict, ok: set, x: np.ndarray, q: np.ndarr
 
 
 def _flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "?"
+    flags = cpu_flags()
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags) or "none"
 
 
@@ -367,11 +362,12 @@ LABELS = {
 
 def report(res: dict) -> str:
     o, e = res["ort_ms"], res["eager_ms"]
+    line = machine_line(res["machine"])  # a string in results saved before it was a dict
     f = o["features"]
     lines = [
         "## Normal-only scoring at 1280×1024 (`benchmarks/speed/normal_scoring.py`)",
         "",
-        f"Machine: {res['machine']}; CPU flags (avx2/avx512f/avx512_vnni): {res['flags']}. "
+        f"Machine: {line}; CPU flags (avx2/avx512f/avx512_vnni): {res['flags']}. "
         f"onnxruntime CPU, {res['threads']} threads (`session_options(threads=2)`), batch 1, "
         f"medians of {res['repeats']} interleaved runs after a warm-up; torch eager medians of "
         f"fewer. Layer {res['width']}×{res['height']} grey, feature map 152 × "

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from common import machine_line, write_section
+from common import machine_line, update_section
 
 from inspect3d.infer.model import LayerScore
 from inspect3d.watch.config import WatchConfig
@@ -203,7 +203,7 @@ def main() -> None:
     text = report([(r, *res) for r, res in runs], shown)
     print(text)
     if not a.no_doc:
-        write_section("plant_db", text)
+        update_section("plant_db", text)
 
 
 def both(replay: Replay, url: str) -> tuple[dict, dict]:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import interleaved, machine_line, med, publish
+from common import interleaved, machine, machine_line, med, publish
 from int8 import trained_run
 
 from inspect3d.data.layers import load_layers
@@ -144,7 +144,8 @@ def report(res: dict, args) -> str:
     lines = [
         "## Runtimes side by side (`benchmarks/speed/runtimes.py`)",
         "",
-        f"Machine: {res['machine']}; CPU flags: {res['flags']} (int8 class: {res['int8_class']})."
+        f"Machine: {machine_line(res['machine'])}; CPU flags: {res['flags']} (int8 class: "
+        f"{res['int8_class']})."
         f" Default model (smallcnn) at {res['size']} px; the same `model.onnx` and"
         " `model.int8.onnx` (static QDQ) for both runtimes, default threads (all cores). Each "
         "runtime in a process of its own, taking turns: blocks of calls per variant, "
@@ -203,8 +204,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.run and not args.holdout:
         ap.error("--run needs --holdout: a folder of held-out layers for the accuracy rows")
-    res: dict = {"machine": machine_line(), "flags": cpu_summary(), "int8_class": int8_class()}
-    print(res["machine"], flush=True)
+    res: dict = {"machine": machine(), "flags": cpu_summary(), "int8_class": int8_class()}
+    print(machine_line(res["machine"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
             run, holdout = args.run, args.holdout

@@ -15,7 +15,6 @@ On CUDA the step runs with mixed precision and channels_last, as training does.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import machine_line, pyplot, save_results
-from common import write_section as write_doc
+from common import RESULTS, machine, machine_line, pyplot, save_results, update_section
 from omegaconf import OmegaConf
 
 from inspect3d.config import compose
@@ -133,12 +131,14 @@ def summarize(t: StepTimes) -> dict:
     }  # fmt: skip
 
 
-def machine(device: torch.device) -> str:
+def training_machine(device: torch.device) -> dict:
+    """The machine, with torch's thread count and the device trained on."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return (
-        f"{machine_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"device {device} (GPU: {gpu}); {platform.platform(terse=True)}"
-    )
+    return machine() | {"torch_threads": torch.get_num_threads(), "device": str(device), "gpu": gpu}
+
+
+def training_machine_line(m: dict) -> str:
+    return f"{machine_line(m)}; device {m['device']} (GPU: {m['gpu']})"
 
 
 def ratios(results: dict) -> dict[str, float]:
@@ -247,7 +247,8 @@ def main() -> None:
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/speed.md")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    line = machine(device)
+    m = training_machine(device)
+    line = training_machine_line(m)
     print(line, flush=True)
     most = (args.steps + args.warmup) * max(b for _, b in SETTINGS)  # one pass, no epoch end
     bench = Bench(args.size, device, most)
@@ -255,11 +256,11 @@ def main() -> None:
     results = measure(bench, args.steps, args.rounds, args.warmup)
     print(table(results))
     print("2 workers vs 0, images/s:", {k: round(v, 2) for k, v in ratios(results).items()})
-    out = {"machine": line, "args": vars(args), "results": results, "ratios": ratios(results)}
-    save_results("train_throughput", out, indent=2)
+    out = {"machine": m, "args": vars(args), "results": results, "ratios": ratios(results)}
+    save_results(RESULTS, "train_throughput", out)
     if not args.no_doc:
         plot(results, PLOT)
-        write_doc("train_throughput", report(args, results, line))
+        update_section("train_throughput", report(args, results, line))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine_line
 
 from inspect3d.data.synth import SynthConfig, generate
 from inspect3d.infer import OnnxModel
@@ -131,7 +131,7 @@ def main() -> None:
         )
         files = sorted((Path(tmp) / "data").glob("*/*.png"))[: args.layers]
         print(f"{len(files)} layers of {size} px, batch {BATCH}, settle {args.settle} s; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")  # fmt: skip
+              f"{machine_line()}")  # fmt: skip
         heads = ("printers", "steps of", "bare l/s", "files l/s", "watch l/s", "over bare",
                  "over files", "p50 s", "p95 s")  # fmt: skip
         print(" ".join(f"{h:>10}" for h in heads))
