@@ -76,3 +76,14 @@ def test_grey_model_given_colour_layers_is_an_error(tiny_run, holdout_dir, tmp_p
         isolated(evaluate_run, compose("eval", [*base, "data.channels=3", f"out={tmp_path}/f"]))
     forced = compose("eval", [*base, "data.channels=1", f"out={tmp_path / 'g.json'}"])
     assert isolated(evaluate_run, forced)["n"] > 0  # converted to grey, as asked
+
+
+def test_export_parity_layers_of_the_other_kind_are_an_error(tiny_run, holdout_dir, tmp_path):
+    from inspect3d.export.onnx import export_run
+
+    colour = tinted_copy(holdout_dir, tmp_path / "colour")
+    out = tmp_path / "m.onnx"
+    cfg = compose("export", [f"run={tiny_run}", f"layers={colour}", f"out={out}"])
+    with pytest.raises(InspectError, match=r"trained on grey layers.*layers=.*holds colour"):
+        isolated(export_run, cfg)
+    assert not out.exists()  # refused before anything is written

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from inspect3d import __version__
 from inspect3d.data.layout import list_images
-from inspect3d.data.preprocess import Preprocess
+from inspect3d.data.preprocess import Preprocess, check_channels
 from inspect3d.errors import InspectError
 from inspect3d.infer.metadata import INPUT_NAME, OUTPUT_NAMES, PARTS_INPUT, ModelMeta
 from inspect3d.io import atomic_path
@@ -118,6 +118,7 @@ def _folder_layers(folder: Path, pre: Preprocess, n: int) -> tuple[np.ndarray, n
     paths = list_images(folder, recursive=True) if folder.is_dir() else []
     if not paths:
         raise InspectError(f"layers={str(folder)!r} holds no layer images: give a folder of them")
+    check_channels(pre.channels, paths, f"layers={str(folder)!r}")  # colour for grey: an error
     layers = _evenly(paths, pre, n)
     return layers, np.full(len(layers), -1)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,23 @@ def fit_normal(cfg: Any, out_dir: str | Path) -> tuple[str, Path]:
     calib = calibrate(net, oof, nc.target_frr)
     peak = peak_rss_mb()
     log.info("fit-normal peak memory %s MB", "unknown" if peak is None else round(peak))
-    path = _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak)
-    return _summary(calib, len(items)), path
+    fitted = Fitted(net, node, pre, items, cells, oof, folds, calib, peak)
+    return _summary(calib, len(items)), _save(cfg, out_dir, fitted)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted and calibrated normal-only network, with what it was fitted on."""
+
+    net: NormalNet
+    node: dict  # the builder's arguments (the checkpoint's model node)
+    pre: Preprocess
+    items: list[Item]  # the good layers
+    cells: torch.Tensor  # their cell weights (0 outside the ROI, 1 powder, 2 part)
+    oof: np.ndarray  # out-of-fold layer distances
+    folds: np.ndarray | None  # calibration fold per layer (None: folds of regions)
+    calib: dict
+    peak_mb: float | None
 
 
 def _check_settings(cfg: Any) -> None:
@@ -503,18 +519,39 @@ def calibrate(net: NormalNet, oof: np.ndarray, target_frr: float) -> dict:
     return record
 
 
-def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -> Path:
-    config = OmegaConf.to_container(cfg, resolve=True)
-    oof_frr = (oof >= calib["distance_threshold"]).mean()
-    metrics = {
+def _save(cfg: Any, out_dir: Path, f: Fitted) -> Path:
+    """checkpoint.pt (network, metadata, calibration) and metrics.json in ``out_dir``."""
+    metrics = _metrics(cfg, f)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = save_checkpoint(
+        out_dir / "checkpoint.pt",
+        f.net,
+        _meta(cfg, f),
+        epoch=None,
+        threshold=0.5,  # defect score 0.5 <=> distance at the calibrated threshold
+        target_frr=float(cfg.normal.target_frr),
+        calibration=f.calib,
+        metrics=metrics,
+        fit_layers=[str(it.path) for it in f.items],
+    )
+    write_json_atomic(
+        out_dir / "metrics.json",
+        {**metrics, "oof_scores": [float(v) for v in f.oof], "folds": _plain(f.folds)},
+    )
+    return path
+
+
+def _metrics(cfg: Any, f: Fitted) -> dict:
+    net, cells, oof = f.net, f.cells, f.oof
+    return {
         "mode": "normal_only",
-        "n": len(items),
-        "n_normal": len(items),
+        "n": len(f.items),
+        "n_normal": len(f.items),
         "n_defect": 0,
-        "n_folds": cfg.normal.calib_grid**2 if folds is None else len(set(folds.tolist())),
-        "folds_by": calibration_split(items, cfg.normal.calib_by),
-        "input_size": [pre.height, pre.width],
-        "roi": node["roi"],
+        "n_folds": cfg.normal.calib_grid**2 if f.folds is None else len(set(f.folds.tolist())),
+        "folds_by": calibration_split(f.items, cfg.normal.calib_by),
+        "input_size": [f.pre.height, f.pre.width],
+        "roi": f.node["roi"],
         "bank": {
             "size": int(net.scorer.bank.shape[0]) if hasattr(net.scorer, "bank") else 0,
             "part_size": 0 if net.part_scorer is None else int(net.part_scorer.bank.shape[0]),
@@ -522,8 +559,8 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
             "part_cells": int((cells == 2).sum()),
             "powder_cells": int((cells == 1).sum()),
         },
-        "peak_rss_mb": None if peak is None else round(peak, 1),
-        "calibration": calib,
+        "peak_rss_mb": None if f.peak_mb is None else round(f.peak_mb, 1),
+        "calibration": f.calib,
         "oof_distance": {
             "min": float(oof.min()),
             "median": float(np.median(oof)),
@@ -531,35 +568,22 @@ def _save(cfg, out_dir, net, pre, items, oof, folds, calib, node, cells, peak) -
         },
         "threshold": {
             "value": 0.5,
-            "false_reject_rate": float(oof_frr),
+            "false_reject_rate": float((oof >= f.calib["distance_threshold"]).mean()),
         },
     }
-    meta = {
+
+
+def _meta(cfg: Any, f: Fitted) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return {
         "mode": "normal_only",
-        "model": {"_target_": BUILDER, **node},
+        "model": {"_target_": BUILDER, **f.node},
         "classes": [cfg.data.normal_class, DEFECT_CLASS],
         "normal_class": cfg.data.normal_class,
-        "preprocess": pre.to_dict(),
+        "preprocess": f.pre.to_dict(),
         "config": config,
         "config_hash": config_hash(config),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = save_checkpoint(
-        out_dir / "checkpoint.pt",
-        net,
-        meta,
-        epoch=None,
-        threshold=0.5,  # defect score 0.5 <=> distance at the calibrated threshold
-        target_frr=float(cfg.normal.target_frr),
-        calibration=calib,
-        metrics=metrics,
-        fit_layers=[str(it.path) for it in items],
-    )
-    write_json_atomic(
-        out_dir / "metrics.json",
-        {**metrics, "oof_scores": [float(v) for v in oof], "folds": _plain(folds)},
-    )
-    return path
 
 
 def _plain(folds: np.ndarray | None) -> list | None:
