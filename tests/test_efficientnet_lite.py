@@ -141,3 +141,18 @@ def test_torchvision_pretrained_without_cache_or_internet_says_what_to_do(tmp_pa
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(InspectError, match="pretrained=false.*hub cache"):
         build_model("mobilenet_v3_small", 2, Preprocess(height=64, width=64), pretrained=True)
+
+
+def test_stride8_model_reads_the_normal_features_with_a_cell_every_8_pixels():
+    from inspect3d.normal.features import PatchFeatures
+
+    pre = Preprocess(height=64, width=96, norm="fixed", mean=0.5, std=0.5)
+    net = build_model("efficientnet_lite0_s8", 3, pre, pretrained=True).eval()
+    x = torch.randint(0, 256, (2, 1, 64, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        logits, logit_map = net(x)
+        same = torch.allclose(net.features(x), PatchFeatures(pre, pretrained=True)(x), atol=1e-5)
+    assert logits.shape == (2, 3) and logit_map.shape == (2, 3, 8, 12)
+    assert same  # one definition of Lite0's stride-8 features, for both kinds of model
+    state = torch.load(weights_file(), map_location="cpu", weights_only=True)
+    assert torch.equal(net.backbone.stem.conv.weight, state["_conv_stem.weight"])

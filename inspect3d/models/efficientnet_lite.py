@@ -41,6 +41,7 @@ HEAD_CHANNELS = 1280
 BN_EPS = 1e-3
 STRIDE8_BLOCK = 4  # last block at stride 8 (40 channels)
 STRIDE16_BLOCK = 10  # last block at stride 16 (112 channels)
+FINE_CHANNELS = 40 + 112  # stride-8 features and the stride-16 ones brought to their grid
 
 
 def tf_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -211,3 +212,34 @@ class LiteBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(self.adapter(x))
+
+
+def fine_features(stem: nn.Module, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Lite0's stride-8 features (40 channels) and its stride-16 features upsampled to their
+    grid (112), concatenated, each cell averaged with its 3x3 neighbours for a little context:
+    (N, FINE_CHANNELS, H/8, W/8). ``blocks``: Lite0's blocks up to ``STRIDE16_BLOCK``; ``x``
+    already scaled to [-1, 1]."""
+    x = stem(x)
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i == STRIDE8_BLOCK:
+            fine = x
+    coarse = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+    feats = torch.cat([fine, coarse], dim=1)
+    return F.avg_pool2d(feats, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class LiteFineBackbone(nn.Module):
+    """EfficientNet-Lite0's stride-8 features (``fine_features``) for a LayerNet: a class map
+    with a cell every 8 pixels, where a 1-3 px streak still covers whole cells."""
+
+    out_channels = FINE_CHANNELS
+
+    def __init__(self, net: EfficientNetLite0, adapter: LiteInput) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.stem = net.stem
+        self.blocks = nn.ModuleList(net.blocks[: STRIDE16_BLOCK + 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fine_features(self.stem, self.blocks, self.adapter(x))

@@ -14,15 +14,16 @@ from torch import nn
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
 from inspect3d.models.efficientnet_lite import (
-    STRIDE8_BLOCK,
+    FINE_CHANNELS,
     STRIDE16_BLOCK,
     efficientnet_lite0,
+    fine_features,
     lite_input_for,
 )
 from inspect3d.models.layernet import Normalize
 
 GRID_STRIDES = (8, 16)
-FEATURE_CHANNELS = 40 + 112
+FEATURE_CHANNELS = FINE_CHANNELS
 
 
 class PatchFeatures(nn.Module):
@@ -54,13 +55,5 @@ class PatchFeatures(nn.Module):
         return super().train(False)  # frozen: BatchNorm always uses the ImageNet statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.adapter(self.normalize(x)))
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i == STRIDE8_BLOCK:
-                fine = x
-        coarse = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        feats = F.avg_pool2d(
-            torch.cat([fine, coarse], dim=1), 3, stride=1, padding=1, count_include_pad=False
-        )
+        feats = fine_features(self.stem, self.blocks, self.adapter(self.normalize(x)))
         return F.avg_pool2d(feats, 2) if self.grid_stride == 16 else feats
