@@ -154,6 +154,23 @@ def test_a_backlog_is_scored_batch_by_batch_after_one_poll(watcher, synth_dir):
     assert (job["final"], job["ended_by"]) == (True, "marker")  # all its layers were in
 
 
+def test_a_job_ended_by_the_next_one_in_the_same_batch_keeps_its_level(watcher, synth_dir):
+    w = watcher(batch_size=8)
+    imgs = layer_images(synth_dir, 4)
+    for i, src in enumerate(imgs[:3]):
+        old = time.time() - 60
+        os.utime(put(w.cfg, "p1", "jobA", f"layer_{i:04d}.png", src), (old, old))
+    put(w.cfg, "p1", "jobB", "layer_0000.png", imgs[3])  # newer: after jobA's layers
+    assert w.step() is True  # all four layers in one batch: jobB's first layer ends jobA
+    rows = {r["name"]: r for r in db(w.cfg).execute("SELECT * FROM jobs")}
+    done = db(w.cfg).execute("SELECT MAX(done_at) FROM layers").fetchone()[0]
+    assert (rows["jobA"]["status"], rows["jobA"]["level"]) == ("closed", "REJECT")
+    assert (rows["jobB"]["status"], rows["jobB"]["level"]) == ("open", "WARN")
+    assert rows["jobA"]["last_at"] == rows["jobB"]["last_at"] == done
+    verdicts = {(j["job"], j["ended_by"]): j["verdict"] for j in jobs(w.state)}
+    assert verdicts == {("jobA", "next_job"): "REJECT", ("jobB", None): "WARN"}
+
+
 def test_a_stop_request_ends_a_step_after_the_batch_in_hand(watcher, synth_dir):
     w = watcher(batch_size=2)
     for i, src in enumerate(layer_images(synth_dir, 6)):

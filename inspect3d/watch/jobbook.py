@@ -55,6 +55,10 @@ class JobBook:
         self.stuck_jobs: set[int] = set()  # jobs whose end failed unexpectedly (logged)
         self.states: States = {}
         self._closing: list[int] = []
+        # within one batch's transaction: jobs looked up, and the open jobs' last activity and
+        # level, written once per job at the end of the batch instead of once per layer
+        self._jobs: dict[tuple[str, str], JobRow] = {}
+        self._touched: dict[int, str] = {}
 
     def reload(self) -> None:
         """Forget the caches and read them again from the store (a lost connection may have
@@ -77,6 +81,7 @@ class JobBook:
         """Run ``body(states, now)`` in one transaction; the policy states and the ended
         folders are taken over only once it is committed."""
         states, committed = dict(self.states), False
+        self._jobs, self._touched = {}, {}  # nothing read or pending from a rolled-back one
         try:
             with self.store.transaction():
                 body(states, now)
@@ -122,6 +127,8 @@ class JobBook:
         def body(states: States, now: float) -> None:
             for r in results:
                 self._record(r, states, now)
+            for job_id, level in self._touched.items():  # jobs closed in the batch too
+                self.store.touch_job(job_id, now, level)
 
         self._transaction(body, time.time())
         self.known.update(r.arrival.rel for r in results)
@@ -131,7 +138,7 @@ class JobBook:
 
     def _record(self, r: LayerResult, states: States, now: float) -> None:
         a = r.arrival
-        job = self.store.job(a.printer, a.job)
+        job = self._job(a.printer, a.job)
         if job is None:
             self._finish_printer_jobs(a.printer, states, now)
             job_id = self.store.open_job(a.printer, a.job, now)
@@ -147,7 +154,17 @@ class JobBook:
         if r.status == "scored":
             self._apply_policy(job_id, a, LayerObs.of(layer, r.score), states, now)
         if job is None or job.status == "open":
-            self.store.touch_job(job_id, now, states.get(job_id, JobState()).level)
+            self._touched[job_id] = states.get(job_id, JobState()).level
+
+    def _job(self, printer: str, name: str) -> JobRow | None:
+        """The job's row, read once per batch (a job opened in it is read on its next layer)."""
+        key = (printer, name)
+        if key not in self._jobs:
+            job = self.store.job(printer, name)
+            if job is None:
+                return None
+            self._jobs[key] = job
+        return self._jobs[key]
 
     def _apply_policy(
         self, job_id: int, a: Arrival, obs: LayerObs, states: States, now: float
@@ -242,4 +259,5 @@ class JobBook:
         }  # fmt: skip
         self._decide(job.id, (job.printer, job.name), state, reason, now)
         self.store.close_job(job.id, ended_by, now)
+        self._jobs.pop((job.printer, job.name), None)
         self._closing.append(job.id)
