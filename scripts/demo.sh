@@ -4,7 +4,7 @@
 set -euo pipefail
 OUT=${1:-outputs/demo}
 EPOCHS=${DEMO_EPOCHS:-30}
-SIZE=${DEMO_SIZE:-256}   # synthetic layer size = model input size
+SIZE=${DEMO_SIZE:-512}   # synthetic layer size = model input size
 JOBS=${DEMO_JOBS:-24}
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -15,8 +15,8 @@ step "1/8 synthetic powder-bed jobs for training (seed 0) and a held-out set (se
 inspect3d synth out="$OUT/synth" seed=0 n_jobs="$JOBS" layers_per_job=16 size="$SIZE"
 inspect3d synth out="$OUT/holdout" seed=1 n_jobs=8 layers_per_job=16 size="$SIZE"
 
-step "2/8 train the default small CNN ($EPOCHS epochs at ${SIZE} px, job-wise split)"
-inspect3d train data=folder data.root="$OUT/synth" data.normal_class=ok \
+step "2/8 train: ImageNet Lite0 read at stride 8, frozen, + a head ($EPOCHS epochs at ${SIZE} px, job-wise split)"
+inspect3d train experiment=probe_s8 data=folder data.root="$OUT/synth" data.normal_class=ok \
   data.height="$SIZE" data.width="$SIZE" trainer.epochs="$EPOCHS" trainer.batch_size=8 \
   hydra.run.dir="$OUT/run"
 
