@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnxruntime as ort
 
 from inspect3d.errors import InspectError
-from inspect3d.infer.model import OnnxModel, session_options
+from inspect3d.infer.model import OnnxModel, chunks, session_options, started_ahead
 from inspect3d.infer.providers import TENSORRT_OPTIONS, resolve_providers
 
 
@@ -52,3 +56,25 @@ def test_predict_files_keeps_order_reports_bad_files_and_matches_batches(exporte
     for got, want in zip(scores, direct, strict=True):
         assert got.label == want.label and got.path == want.path
         assert abs(got.defect_score - want.defect_score) < 1e-6
+
+
+def test_the_next_batch_is_started_ahead_and_cancelled_when_the_caller_stops():
+    gate, started = threading.Event(), []
+    with ThreadPoolExecutor(1) as pool:
+
+        def start(batch: list[int]) -> list:
+            started.append((batch, [pool.submit(gate.wait) for _ in batch]))
+            return started[-1][1]
+
+        handed = []
+        with contextlib.closing(started_ahead(chunks(list(range(7)), 3), start)) as ahead:
+            for batch, _ in ahead:
+                handed.append(batch)
+                assert len(started) == len(handed) + 1  # the next batch is already under way
+                break
+        gate.set()
+    assert handed == [[0, 1, 2]] and [b for b, _ in started] == [[0, 1, 2], [3, 4, 5]]
+    assert all(f.cancelled() for f in started[1][1])  # queued behind the gate: never ran
+    assert not any(f.cancelled() for f in started[0][1])  # the batch handed out ran
+    every = [b for b, _ in started_ahead(chunks(list(range(7)), 3), lambda b: [])]
+    assert every == [[0, 1, 2], [3, 4, 5], [6]]

@@ -153,7 +153,8 @@ def measure(
 ) -> dict:
     """Seconds of bare scoring, overlapped bare scoring and a watcher, for ``setting``
     (printers, batches per step), and with ``settle`` the arrival-to-decision latencies."""
-    printers, service.STEP_BATCHES = setting
+    printers, step_batches = setting
+    service.STEP_BATCHES = step_batches  # what the watcher's loop reads at each step
     bare = [bare_seconds(model, files)]
     over = [overlapped_seconds(model, files)]
     watch = [throughput(Path(model.path), files, printers, root / "t")]

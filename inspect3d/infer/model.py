@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,23 +262,21 @@ class OnnxModel:
         that cannot be read yields its error in place of a score; the others still count.
         ``parts_dir``: part masks named like the layers, for a model with a part input.
         """
-        chunks = _chunks([Path(p) for p in paths], max(1, batch_size))
+        batches = chunks([Path(p) for p in paths], max(1, batch_size))
         workers = workers or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-            pending = self._decode_chunk(pool, next(chunks, []))
-            for chunk in chunks:
-                ready, pending = pending, self._decode_chunk(pool, chunk)
-                yield from self._score_decoded(ready, parts_dir)
-            yield from self._score_decoded(pending, parts_dir)
 
-    def _decode_chunk(self, pool: ThreadPoolExecutor, paths: list[Path]) -> list[tuple]:
-        return [(p, pool.submit(self.pre.load, p)) for p in paths]
+            def start(batch: list[Path]) -> list[Future]:
+                return [pool.submit(self.pre.load, p) for p in batch]
+
+            for batch, decoded in started_ahead(batches, start):
+                yield from self._score_decoded(batch, decoded, parts_dir)
 
     def _score_decoded(
-        self, decoded: list[tuple[Path, Future]], parts_dir: Path | None = None
+        self, paths: list[Path], decoded: list[Future], parts_dir: Path | None = None
     ) -> Iterator[tuple[Path, LayerScore | InspectError]]:
         good, out = [], {}
-        for path, future in decoded:
+        for path, future in zip(paths, decoded, strict=True):
             try:
                 good.append((path, future.result()))
             except InspectError as exc:
@@ -288,7 +286,7 @@ class OnnxModel:
             batch = np.stack([x for _, x in good])
             scores = self.score_inputs(batch, [str(p) for p, _ in good], cells)
             out.update({path: score for (path, _), score in zip(good, scores, strict=True)})
-        for path, _ in decoded:
+        for path in paths:
             yield path, out[path]
 
     def _cells_for(self, paths: list[Path], folder: Path | None) -> np.ndarray | None:
@@ -318,6 +316,28 @@ class OnnxModel:
         )
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def chunks(items: list, size: int) -> Iterator[list]:
+    """``items`` in consecutive lists of ``size`` (the last one shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def started_ahead(
+    batches: Iterable[list], start: Callable[[list], list[Future]]
+) -> Iterator[tuple[list, list[Future]]]:
+    """(batch, its futures) for each batch, the next batch already started (``start``: submit
+    its work, e.g. decoding, to threads) while the caller handles this one. Closing the
+    generator early (``contextlib.closing`` around a loop that may ``break``) cancels the work
+    started for the next batch."""
+    ahead: tuple[list, list[Future]] | None = None  # started, not yet handed out
+    try:
+        for batch in batches:
+            previous, ahead = ahead, (batch, start(batch))
+            if previous is not None:
+                yield previous
+        if ahead is not None:
+            last, ahead = ahead, None
+            yield last
+    finally:
+        for future in ahead[1] if ahead is not None else []:
+            future.cancel()

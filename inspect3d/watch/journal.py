@@ -76,11 +76,7 @@ class RejectLog:
         os.replace(tmp, self.path)
         log.warning("%s: %d broken record(s) moved to %s", self.path, self.broken, self.broken_path)
 
-    def append(self, record: dict) -> bool:
-        """Write ``record`` unless its decision id is there already; True if written now."""
-        return bool(self.append_many([record]))
-
-    def append_many(self, records: list[dict]) -> list[dict]:
+    def append(self, records: list[dict]) -> list[dict]:
         """Write the records whose decision ids are not there yet, in one write and one sync
         (all of them or, after a failed write, none: the file is cut back); returns them."""
         new, ids = [], set()

@@ -76,7 +76,7 @@ class Outbox:
         """Append the decisions not yet in the reject log, all in one synced write."""
         rows = self.store.unlogged()
         try:
-            written = self.rejects.append_many([row.record for row in rows])
+            written = self.rejects.append([row.record for row in rows])
         except OSError as exc:  # e.g. disk full: the records stay pending and are retried
             self.errors("reject-log", f"cannot write {self.rejects.path}: {exc}")
             return

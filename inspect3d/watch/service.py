@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from inspect3d.data.layout import compile_inbox_pattern
 from inspect3d.errors import InspectError
-from inspect3d.infer.model import OnnxModel
+from inspect3d.infer.model import OnnxModel, chunks, started_ahead
 from inspect3d.infer.providers import check_available
 from inspect3d.watch.config import WatchConfig
 from inspect3d.watch.db import open_store
@@ -271,22 +272,17 @@ class Watcher:
         scored and recorded; a stop request ends it after the batch in hand. Returns the
         layers handled (recorded or handed back to the scanner) and the jobs that wait for a
         file handed back."""
-        size = self.cfg.batch_size
-        batches = [layers[i : i + size] for i in range(0, len(layers), size)]
         done, retry = set(), set()
-        pending = prepare_batch(self.model, batches[0], self.inbox, self.limits) if batches else []
-        for i, batch in enumerate(batches):
-            ready, pending = pending, []
-            if i + 1 < len(batches):
-                pending = prepare_batch(self.model, batches[i + 1], self.inbox, self.limits)
-            results = score_prepared(self.model, ready)
-            retry |= self._defer(results)
-            self.book.record([r for r in results if r.status != "retry"])
-            done |= {a.rel for a in batch}
-            if self.stop_requested.is_set():
-                break
-        for future in pending:  # stopped: decoded, never recorded; listed again on start
-            future.cancel()
+        batches = chunks(layers, self.cfg.batch_size)
+        start = functools.partial(prepare_batch, self.model, inbox=self.inbox, limits=self.limits)
+        with contextlib.closing(started_ahead(batches, start)) as ahead:
+            for batch, prepared in ahead:  # on a stop the next batch, decoded, is dropped
+                results = score_prepared(self.model, prepared)
+                retry |= self._defer(results)
+                self.book.record([r for r in results if r.status != "retry"])
+                done |= {a.rel for a in batch}
+                if self.stop_requested.is_set():
+                    break
         return done, retry
 
     def _defer(self, results: list[LayerResult]) -> set[tuple[str, str]]:
