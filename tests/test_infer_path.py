@@ -78,3 +78,22 @@ def test_the_next_batch_is_started_ahead_and_cancelled_when_the_caller_stops():
     assert not any(f.cancelled() for f in started[0][1])  # the batch handed out ran
     every = [b for b, _ in started_ahead(chunks(list(range(7)), 3), lambda b: [])]
     assert every == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_closing_waits_for_the_next_batch_where_it_has_begun():
+    # the watcher scores the next batch on a thread: its model must be free when a step ends
+    gate = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        started = []
+
+        def start(batch: list[int]) -> list:
+            started.append([pool.submit(gate.wait) for _ in batch])
+            return started[-1]
+
+        with contextlib.closing(started_ahead(chunks(list(range(4)), 2), start)) as ahead:
+            for _ in ahead:
+                gate_opener = threading.Timer(0.2, gate.set)
+                gate_opener.start()  # the next batch is running; closing must wait for it
+                break
+        assert all(f.done() and not f.cancelled() for f in started[1])
+        gate_opener.join()

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,7 +328,7 @@ def started_ahead(
     """(batch, its futures) for each batch, the next batch already started (``start``: submit
     its work, e.g. decoding, to threads) while the caller handles this one. Closing the
     generator early (``contextlib.closing`` around a loop that may ``break``) cancels the work
-    started for the next batch."""
+    started for the next batch and waits for what of it had begun."""
     ahead: tuple[list, list[Future]] | None = None  # started, not yet handed out
     try:
         for batch in batches:
@@ -339,5 +339,5 @@ def started_ahead(
             last, ahead = ahead, None
             yield last
     finally:
-        for future in ahead[1] if ahead is not None else []:
-            future.cancel()
+        begun = [f for f in (ahead[1] if ahead is not None else []) if not f.cancel()]
+        wait(begun)  # what of it had begun is over when the generator closes

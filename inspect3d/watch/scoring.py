@@ -48,6 +48,13 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="watch-decode")
 
 
+@functools.cache
+def _scorer() -> ThreadPoolExecutor:
+    """One scoring thread for the process's life: batches are scored in order, one at a time,
+    while the caller records the batch before."""
+    return ThreadPoolExecutor(1, thread_name_prefix="watch-score")
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a layer file may cost: pixels, bytes decoded (and bytes of the file itself)."""
@@ -179,6 +186,16 @@ def prepare_batch(
     cores, and the next batch decodes while the current one is scored and recorded.
     """
     return [_pool().submit(_prepare, model, a, inbox, limits) for a in arrivals]
+
+
+def start_batch(
+    model: OnnxModel, arrivals: list[Arrival], inbox: Path, limits: Limits
+) -> list[Future]:
+    """Start a batch: its files read, checked and decoded on the decode threads, then scored on
+    the scoring thread. The last future gives the batch's results (``score_prepared``); the
+    others are its files' (to cancel them with it)."""
+    prepared = prepare_batch(model, arrivals, inbox, limits)
+    return [*prepared, _scorer().submit(score_prepared, model, prepared)]
 
 
 def score_prepared(model: OnnxModel, prepared: list[Future[Prepared]]) -> list[LayerResult]:

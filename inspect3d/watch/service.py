@@ -38,7 +38,7 @@ from inspect3d.watch.db import open_store
 from inspect3d.watch.inbox import Arrival, InboxScanner
 from inspect3d.watch.jobbook import JobBook, ModelStamp
 from inspect3d.watch.outbox import Outbox
-from inspect3d.watch.scoring import LayerResult, Limits, prepare_batch, score_prepared
+from inspect3d.watch.scoring import LayerResult, Limits, start_batch
 from inspect3d.watch.store import Store
 
 log = logging.getLogger(__name__)
@@ -268,16 +268,16 @@ class Watcher:
         return bool(done or markers)
 
     def _score_and_record(self, layers: list[Arrival]) -> tuple[set[str], set[tuple[str, str]]]:
-        """Score and record ``layers`` in batches, decoding the next batch while this one is
-        scored and recorded; a stop request ends it after the batch in hand. Returns the
+        """Score and record ``layers`` in batches: the next batch is decoded and scored while
+        this one is recorded; a stop request ends it after the batch in hand. Returns the
         layers handled (recorded or handed back to the scanner) and the jobs that wait for a
         file handed back."""
         done, retry = set(), set()
         batches = chunks(layers, self.cfg.batch_size)
-        start = functools.partial(prepare_batch, self.model, inbox=self.inbox, limits=self.limits)
+        start = functools.partial(start_batch, self.model, inbox=self.inbox, limits=self.limits)
         with contextlib.closing(started_ahead(batches, start)) as ahead:
-            for batch, prepared in ahead:  # on a stop the next batch, decoded, is dropped
-                results = score_prepared(self.model, prepared)
+            for batch, started in ahead:  # on a stop the next batch, scored or not, is dropped
+                results = started[-1].result()
                 retry |= self._defer(results)
                 self.book.record([r for r in results if r.status != "retry"])
                 done |= {a.rel for a in batch}

@@ -446,7 +446,7 @@ FROM printers p LEFT JOIN jobs j ON j.id = p.current_job WHERE {where} ORDER BY 
                 map_peak=float(s.defect_map.max()), map_mean=float(s.defect_map.mean()),
                 map=m.tobytes(), map_h=m.shape[0], map_w=m.shape[1],
             )  # fmt: skip
-        self.insert_row("layers", cols)
+        self.insert_row("layers", cols, returning=None)
 
     def insert_row(self, table: str, cols: dict, returning: str | None = "id") -> int | None:
         """Insert one row of ``table`` (names from this module, values as parameters)."""
