@@ -55,6 +55,9 @@ class AugmentConfig:
     gamma: float = 0.2  # tone-curve exponent in [1/(1+g), 1+g]
     white_balance: float = 0.08  # colour layers: gain per channel 1 +- this
     colour: float = 0.2  # colour layers: saturation 1 +- this
+    # framing (FDM photos): a layer shrunk by a factor down to 1 - inset and set into a normal
+    # layer of the same batch, keeping its label (the part small in a wider view); 0: off
+    inset: float = 0.0
 
 
 @dataclass

@@ -104,6 +104,24 @@ def test_zoom_scales_the_area_in_range_and_moves_the_mask_alike():
     assert iou.min() > 0.85
 
 
+def test_inset_sets_a_shrunk_layer_into_a_normal_one_with_its_mask():
+    # layer 0: a bright defect layer with a mask everywhere; layers 1-3: dark normal ones
+    x = torch.full((4, 1, 64, 64), 20.0)
+    x[0] = 230.0
+    mask = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    mask[0] = 1
+    labels = torch.tensor([1, 0, 0, 0])
+    y, m = augment(x, mask, only(inset=0.5), torch.Generator().manual_seed(3), labels)
+    bright = (y[0] > 127).float().mean()  # the defect layer now covers part of the view
+    assert 0.25 - 0.05 <= bright <= 0.75 and (y[0] < 30).any()  # in a normal layer's pixels
+    assert abs(float(m[0].float().mean()) - float(bright)) < 0.1  # its mask went with it
+    small = torch.nn.functional.avg_pool2d(y[0:1], 4)[0] > 127
+    assert bool((small == (m[0] > 0)).float().mean() > 0.9)
+    assert torch.equal(y[1:], x[1:]) or not bool((y[1:] > 127).any())  # normals hold no defect
+    no_labels, _ = run(x, only(inset=0.5), seed=3)
+    assert torch.equal(no_labels, x)  # without labels (no known normal layer): no inset
+
+
 def test_perspective_crop_and_rotation_move_the_layer():
     x = square(8, 64)
     for setting in ({"perspective": 0.05}, {"crop": 0.1}, {"rotate": 10.0}):
@@ -136,6 +154,7 @@ def test_augmentation_is_on_by_default_and_the_group_composes():
         ({"blur": -1.0}, r"data.augment.blur=-1.0 is not valid: use a value >= 0"),
         ({"p": 2.0}, r"data.augment.p=2.0 is not valid: use a probability"),
         ({"scale": 1.5}, r"scale < 1"),
+        ({"inset": 1.0}, r"data.augment.inset=1.0 would shrink layers to nothing"),
     ],
 )
 def test_bad_settings_are_named(override, match):

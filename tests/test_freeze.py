@@ -9,7 +9,9 @@ from inspect3d.data.preprocess import Preprocess
 from inspect3d.errors import InspectError
 from inspect3d.models import build_model
 from inspect3d.models.checkpoint import load_checkpoint
-from inspect3d.train.freeze import freeze_plan, make_optimizer
+from inspect3d.train.augment import AugmentSettings
+from inspect3d.train.dataset import LayerDataset
+from inspect3d.train.freeze import Views, feature_dataset, freeze_plan, make_optimizer
 from inspect3d.train.run import train
 
 from conftest import compose, train_overrides
@@ -98,6 +100,14 @@ def test_backbone_gets_its_own_learning_rate():
             {"name": "efficientnet_lite0", "pretrained": True, "freeze": True, "freeze_epochs": 1},
             r"freeze_epochs=1 does not apply",
         ),
+        (
+            {"name": "efficientnet_lite0", "pretrained": True, "freeze": True, "probe_views": 0},
+            r"model.probe_views=0 is not valid: use an integer >= 1",
+        ),
+        (
+            {"name": "efficientnet_lite0", "pretrained": True, "probe_views": 4},
+            r"model.probe_views=4 applies to a probe \(model.freeze=true\)",
+        ),
     ],
 )
 def test_bad_freeze_settings_are_named(model, match):
@@ -129,3 +139,24 @@ def test_stride8_probe_trains_exports_and_maps_every_8_pixels(synth_dir, tmp_pat
     score = model.predict(layer)
     size = model.meta.preprocess.height
     assert score.defect_map.shape[-2:] == (size // 8, size // 8)
+
+
+def test_probe_views_add_augmented_copies_of_the_training_layers_with_their_masks():
+    net = build_model("efficientnet_lite0", 2, Preprocess(height=64, width=64), pretrained=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (3, 1, 64, 64), generator=g, dtype=torch.uint8).numpy()
+    masks = (
+        torch.zeros(3, 1, 16, 16, dtype=torch.uint8).numpy(),
+        torch.ones(3, dtype=bool).numpy(),
+    )
+    masks[0][1, 0, 4:8, 4:8] = 1
+    layers = LayerDataset(images, [0, 1, 0], masks)
+    views = Views(3, AugmentSettings(p=1.0, scale=0.2, rotate=10.0), g)
+    feats = feature_dataset(net, layers, torch.device("cpu"), False, views)
+    plain = feature_dataset(net, layers, torch.device("cpu"), False)
+    assert len(feats) == 9 and len(plain) == 3
+    assert feats.labels.tolist() == [0, 1, 0] * 3 and bool(feats.known.all())
+    assert torch.equal(feats.images[:3], plain.images)  # view 0: the layers as they are
+    assert not torch.equal(feats.images[3:6], plain.images)  # the others augmented
+    assert feats.masks.shape == (9, 1, 16, 16) and int(feats.masks[1].sum()) == 16
+    assert int(feats.masks[4].sum()) > 0  # the defect's mask moved with its layer

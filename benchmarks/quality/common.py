@@ -65,26 +65,30 @@ def compose_train(overrides: list[str]):
 def train_and_predict(cfg, out_dir: Path) -> tuple[np.ndarray, dict]:
     """``inspect3d train`` on one fold, then class probabilities of that fold's held-out items
     (in the split's order) from the saved best checkpoint, and the run's metrics."""
+    from inspect3d.data.sources import load_data
+    from inspect3d.train.run import train
+
+    metrics, path = train(cfg, out_dir)
+    data = load_data(cfg.data, cfg.seed)
+    return predict_items(path, [data.items[i] for i in data.val]), metrics
+
+
+def predict_items(checkpoint: Path, items: list[Item]) -> np.ndarray:
+    """Class probabilities of ``items`` (in order) from a saved checkpoint, on the CPU."""
     import torch
 
     from inspect3d.data.layers import load_layers
     from inspect3d.data.preprocess import Preprocess
-    from inspect3d.data.sources import load_data
     from inspect3d.models.checkpoint import load_checkpoint, model_from_checkpoint
     from inspect3d.train.dataset import LayerDataset
     from inspect3d.train.loop import predict
-    from inspect3d.train.run import train
 
-    metrics, path = train(cfg, out_dir)
-    ckpt = load_checkpoint(path)
-    data = load_data(cfg.data, cfg.seed)
-    labels = data.labels()
+    ckpt = load_checkpoint(checkpoint)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    images = load_layers([data.items[i] for i in data.val], pre, progress=False)
-    dataset = LayerDataset(images, [labels[i] for i in data.val])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    images = load_layers(items, pre, progress=False)
+    loader = torch.utils.data.DataLoader(LayerDataset(images, [0] * len(items)), batch_size=16)
     probs, _, _ = predict(model_from_checkpoint(ckpt), loader, torch.device("cpu"))
-    return probs, metrics
+    return probs
 
 
 # ----------------------------------------------------------------------------------------------

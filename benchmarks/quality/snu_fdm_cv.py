@@ -8,6 +8,8 @@ inspect3d.data.splits (each photo a "job"), through a manifest written to output
 - ``scratch``: the default model (smallcnn), trained per fold with ``inspect3d train``;
 - ``lite0``: ImageNet EfficientNet-Lite0, frozen, trained head: ``inspect3d train
   model=efficientnet_lite0 model.freeze=true`` per fold (benchmarks/quality/lite0_probe.py);
+- ``fdm``: the same probe with ``experiment=fdm``'s settings (the README's start for FDM
+  photos: log-sum-exp pooling, 4 training views per photo with the framing inset);
 - baseline: 1-NN on 16x16 colour thumbnails.
 
     python benchmarks/quality/snu_fdm_cv.py [--root DIR] [--variants scratch,lite0] [--quick]
@@ -38,6 +40,7 @@ LABELS = {
     "nn_thumb": "1-NN, 16x16 colour thumbnails",
     "scratch": "smallcnn from scratch",
     "lite0": "EfficientNet-Lite0 ImageNet, frozen + trained head (model.freeze)",
+    "fdm": "the same, experiment=fdm's settings (pool_r 3, 4 views, inset 0.6)",
 }
 
 
@@ -92,10 +95,11 @@ def run_variant(variant, cv, manifest_dir, args, feats=None, feature_s: float = 
         if variant == "scratch":
             cfg = common.compose_train(overrides(manifest_dir, args) + [f"data.fold={fold}"])
             p, _ = common.train_and_predict(cfg, out / f"fold{fold}")
-        elif variant == "lite0":  # the product's probe: inspect3d train model.freeze=true
+        elif variant in ("lite0", "fdm"):  # the product's probe: inspect3d train model.freeze=true
             from lite0_probe import probe_predictions
 
             lite = ["data.norm=fixed", "data.mean=0.5", "data.std=0.5", f"data.fold={fold}"]
+            lite += list(FDM) if variant == "fdm" else []
             p, _ = probe_predictions(overrides(manifest_dir, args) + lite, out / f"fold{fold}")
         else:
             p = common.baseline_predictions(feats, cv.y, split, 2, centroid=False)
@@ -160,7 +164,9 @@ def main() -> None:
     print(text)
 
 
-ORDER = ("nn_thumb", "scratch", "lite0")
+ORDER = ("nn_thumb", "scratch", "lite0", "fdm")
+# configs/experiment/fdm.yaml on top of the probe (the CV runs compose experiment=bench_cpu)
+FDM = ("model.pool_r=3.0", "model.probe_views=4", "data.augment.inset=0.6")
 
 
 def section(r: dict) -> str:

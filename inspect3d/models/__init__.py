@@ -19,7 +19,7 @@ MODEL_NAMES = (
 )
 
 # keys of configs/model/*.yaml that say how to train the model, not how to build it
-TRAINING_KEYS = ("freeze", "freeze_epochs")
+TRAINING_KEYS = ("freeze", "freeze_epochs", "probe_views")
 
 __all__ = [
     "MODEL_NAMES",

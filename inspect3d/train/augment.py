@@ -9,6 +9,9 @@ Every layer of a training batch gets random flips, and each of the following wit
   that fraction), resampled bilinearly with reflected borders;
 - optics: Gaussian blur (``blur``: sigma up to that many pixels), sensor noise (``noise``: sigma
   up to that many grey levels);
+- framing (``inset``, off by default; for FDM photos): the layer shrunk by a factor in
+  [1 - inset, 1] and set at a random place into another layer of the batch that is normal
+  (label 0), keeping its own label and its mask moved with it: the part small in a wider view;
 - light and colour: gamma (``gamma``: exponent in [1/(1+g), 1+g]), brightness and contrast
   (``jitter``, a fraction), and on colour layers white balance (``white_balance``: a gain per
   channel of 1 +- that) and saturation (``colour``: 1 +- that).
@@ -50,6 +53,11 @@ class AugmentSettings(AugmentConfig):
             if value < 0 or (f.name == "p" and value > 1):
                 valid = "a probability in [0, 1]" if f.name == "p" else "a value >= 0 (0: off)"
                 raise InspectError(f"{where}.{f.name}={value!r} is not valid: use {valid}")
+        if self.inset >= 1:
+            raise InspectError(
+                f"data.augment.inset={self.inset} would shrink layers to nothing: use a value "
+                "in [0, 1) (0.6: down to 40% of the side)"
+            )
         if self.scale >= 1 or self.crop >= 0.5 or self.perspective >= 0.5:
             raise InspectError(
                 f"data.augment scale={self.scale}, crop={self.crop}, "
@@ -66,13 +74,20 @@ def augment_settings(data: Any) -> AugmentSettings:
 
 
 def augment(
-    x: torch.Tensor, mask: torch.Tensor, settings: AugmentSettings, gen: torch.Generator
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    settings: AugmentSettings,
+    gen: torch.Generator,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An augmented copy of a uint8/float batch (N, C, H, W) and its masks (N, 1, h, w);
-    returns float pixels in 0..255 and masks of the input's dtype."""
+    returns float pixels in 0..255 and masks of the input's dtype. ``labels`` (N,): which
+    layers are normal (0), the backgrounds of ``inset``; without them no inset."""
     s = settings
     x, mask = flips(x.float(), mask.clone(), s, gen)
     x, mask = warp(x, mask, s, gen)
+    if labels is not None:
+        x, mask = inset(x, mask, labels, s, gen)
     x = blur(x, _strength(x, s.blur, s.p, gen))
     x = white_balance_and_saturation(x, s, gen)
     x = gamma(x, _strength(x, math.log1p(s.gamma), s.p, gen, signed=True))
@@ -147,6 +162,43 @@ def warp(x, mask, s: AugmentSettings, gen: torch.Generator):
     m = F.grid_sample(mask[idx].float(), mgrid, "nearest", "reflection", align_corners=True)
     mask[idx] = m.to(mask.dtype)
     return x, mask
+
+
+def inset(x, mask, labels: torch.Tensor, s: AugmentSettings, gen: torch.Generator):
+    """A share ``p`` of the layers shrunk by a factor in [1 - s.inset, 1] into a normal layer
+    of the batch (another one), at a random place; masks alike, zero around the inset."""
+    normal = (labels.cpu() == 0).nonzero()[:, 0]
+    if s.inset <= 0 or s.p == 0 or len(normal) == 0:
+        return x, mask
+    x, mask = x.clone(), mask.clone()
+    src_x, src_m = x.clone(), mask.clone()
+    height, width = x.shape[-2:]
+    for i in range(x.shape[0]):
+        others = normal[normal != i]
+        if len(others) == 0 or float(torch.rand(1, generator=gen)) >= s.p:
+            continue
+        b = int(others[torch.randint(len(others), (1,), generator=gen)])
+        f = 1 - s.inset * float(torch.rand(1, generator=gen))
+        h, w = max(1, round(height * f)), max(1, round(width * f))
+        top = int(torch.randint(height - h + 1, (1,), generator=gen))
+        left = int(torch.randint(width - w + 1, (1,), generator=gen))
+        x[i] = src_x[b]
+        x[i, :, top : top + h, left : left + w] = F.interpolate(
+            src_x[i : i + 1], (h, w), mode="bilinear", antialias=True, align_corners=False
+        )[0]
+        mask[i] = _inset_mask(src_m[i], (top / height, left / width), f)
+    return x, mask
+
+
+def _inset_mask(m: torch.Tensor, corner: tuple[float, float], f: float) -> torch.Tensor:
+    """Mask (1, h, w) shrunk by ``f`` with its top-left corner at ``corner`` (fractions)."""
+    mh, mw = m.shape[-2:]
+    h, w = max(1, round(mh * f)), max(1, round(mw * f))
+    top, left = min(round(corner[0] * mh), mh - h), min(round(corner[1] * mw), mw - w)
+    out = torch.zeros_like(m)
+    small = F.adaptive_max_pool2d(m[None].float(), (h, w))[0]
+    out[:, top : top + h, left : left + w] = small.to(m.dtype)
+    return out
 
 
 def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

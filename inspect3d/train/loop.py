@@ -149,7 +149,7 @@ def _prepare(batch, device: torch.device, aug: AugmentSettings | None, gen: torc
     if aug is None:  # features computed once (a probe): nothing to augment
         x = x.float()
     else:
-        x, mask = augment(x, mask, aug, gen)
+        x, mask = augment(x, mask, aug, gen, y)
     x = to_memory_format(x)
     return x, y.to(device, non_blocking=True), mask, known
 

@@ -30,7 +30,13 @@ from inspect3d.models.device import memory_format
 from inspect3d.train import distributed
 from inspect3d.train.augment import augment_settings
 from inspect3d.train.dataset import LayerDataset, load_masks
-from inspect3d.train.freeze import feature_dataset, freeze_plan, make_optimizer
+from inspect3d.train.freeze import (
+    FreezePlan,
+    Views,
+    feature_dataset,
+    freeze_plan,
+    make_optimizer,
+)
 from inspect3d.train.loop import EpochSpec, Optimisation, StepTimes, predict, train_one_epoch
 from inspect3d.train.plots import plot_confusion, plot_curves
 
@@ -164,16 +170,20 @@ def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, 
     model = model_from_config(OmegaConf.to_container(cfg.model), len(data.classes), pre).to(device)
     if plan.probe:
         model.freeze_backbone(True)
-        loaders = probe_loaders(model, loaders, cfg, device)
+        loaders = probe_loaders(model, loaders, cfg, plan, device)
     state = _Training(RunSetup(cfg, data, pre, plan, out_dir), model, loaders, device)
     state.fit()
     return state.finish()
 
 
-def probe_loaders(model, loaders: Loaders, cfg: DictConfig, device: torch.device) -> Loaders:
-    """model.freeze=true: batches of backbone features computed once instead of pixels."""
+def probe_loaders(
+    model, loaders: Loaders, cfg: DictConfig, plan: FreezePlan, device: torch.device
+) -> Loaders:
+    """model.freeze=true: batches of backbone features computed once instead of pixels (of
+    ``plan.views`` views of each training layer)."""
     amp = bool(cfg.trainer.amp) and device.type == "cuda"
-    train_set = feature_dataset(model, loaders.train.dataset, device, amp)
+    views = Views(plan.views, augment_settings(cfg.data), torch.Generator().manual_seed(cfg.seed))
+    train_set = feature_dataset(model, loaders.train.dataset, device, amp, views)
     val_set = feature_dataset(model, loaders.val.dataset, device, amp)
     return loaders_of(train_set, val_set, cfg.trainer, cfg.seed)
 
@@ -237,7 +247,7 @@ class _Training:
         self.scheduler = warmup_cosine(
             self.optimizer, steps * t.epochs, max(1, int(steps * t.warmup_epochs))
         )
-        # a probe's features were computed once, from the layers as they are: no augmentation
+        # a probe's features were computed once (augmented views among them): nothing here
         aug = None if plan.probe else augment_settings(cfg.data)
         map_weight = map_loss_weight(loaders.train.dataset, t.map_loss_weight)
         spec = EpochSpec.of_trainer(t, device, aug, map_weight)
