@@ -170,8 +170,8 @@ def inset(x, mask, labels: torch.Tensor, s: AugmentSettings, gen: torch.Generato
     normal = (labels.cpu() == 0).nonzero()[:, 0]
     if s.inset <= 0 or s.p == 0 or len(normal) == 0:
         return x, mask
+    src_x, src_m = x, mask  # read from; the insets are written into copies
     x, mask = x.clone(), mask.clone()
-    src_x, src_m = x.clone(), mask.clone()
     height, width = x.shape[-2:]
     for i in range(x.shape[0]):
         others = normal[normal != i]

@@ -132,12 +132,9 @@ class FeatureSet(torch.utils.data.Dataset):
     """A LayerDataset's labels and masks with backbone features in place of the pixels (``views``
     per layer: the features are the views one after the other, each over all layers)."""
 
-    def __init__(
-        self, features: torch.Tensor, layers, views: int = 1, masks: torch.Tensor | None = None
-    ) -> None:
-        self.images = features
+    def __init__(self, features: torch.Tensor, layers, views: int, masks: torch.Tensor) -> None:
+        self.images, self.masks = features, masks
         self.labels, self.known = layers.labels.repeat(views), layers.known.repeat(views)
-        self.masks = layers.masks if masks is None else masks
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -169,7 +166,7 @@ def feature_dataset(
         feats.append(f_view)
         masks.append(m_view)
     net.train(was_training)
-    f = torch.cat(feats) if feats else torch.empty(0)
+    f = torch.cat(feats)
     log.info(
         "probe: backbone features of %d layers x %d view(s) computed once (%s per layer, %.0f MB)",
         len(dataset),
@@ -177,7 +174,7 @@ def feature_dataset(
         "x".join(str(s) for s in f.shape[1:]),
         f.numel() * 2 / 2**20,
     )
-    return FeatureSet(f, dataset, n_views, torch.cat(masks) if masks else dataset.masks)
+    return FeatureSet(f, dataset, n_views, torch.cat(masks))
 
 
 def _view_features(net, dataset, order: torch.Tensor, views: Views | None, device, amp: bool):
