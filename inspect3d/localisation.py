@@ -8,6 +8,10 @@ The figures are the ones MVTec AD and anomalib report, so they compare with publ
   mask weighs the same, however large;
 - ``peak_on_defect``: whether a layer's map maximum lies within a radius of a defect pixel.
 
+Intervals: :meth:`PixelCurves.intervals` resamples whole groups of layers (jobs: pixels of one
+layer, and layers of one job, are not independent samples) with replacement, the percentile
+bootstrap of the field, from coarse per-group histograms.
+
 Full-size maps of many layers do not fit in memory together (70 layers of 1280x1024 are ~90 M
 pixels), so :class:`PixelCurves` keeps three histograms over fixed :class:`ScoreBins` and takes
 one layer at a time. Counts at each bin edge are exact, so the ROC and PRO curves are exact at
@@ -30,6 +34,8 @@ N_BINS = 65536
 SAMPLE_LIMIT = 1_000_000  # values used for the quantile edges; more changes nothing measurable
 FPR_LIMIT = 0.3
 PEAK_RADIUS = 16.0
+GROUP_BINS = 2048  # per-group histograms for intervals: bins merged, memory bounded per group
+N_BOOT = 1000
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,8 @@ class PixelCurves:
     """Histograms of clean pixels, defect pixels and region overlap, fed one layer at a time.
 
     ``add(score_map, mask)`` with the map at the mask's resolution; then ``pixel_auroc()`` and
-    ``aupro()``. Memory: three arrays of ``bins.n`` numbers, whatever the number of layers.
+    ``aupro()``. Memory: three arrays of ``bins.n`` numbers, whatever the number of layers,
+    and three of at most ``GROUP_BINS`` per group (for :meth:`intervals`).
     """
 
     def __init__(self, bins: ScoreBins) -> None:
@@ -82,12 +89,19 @@ class PixelCurves:
         self.defect = np.zeros(bins.n, np.int64)
         self.overlap = np.zeros(bins.n, np.float64)  # each region pixel weighs 1 / region size
         self.n_regions = 0
+        # per group (job): clean, defect, overlap histograms on merged bins, and region count
+        self._coarse = np.arange(bins.n) * min(GROUP_BINS, bins.n) // bins.n
+        self.groups: dict[str, list] = {}
 
-    def add(self, score_map: np.ndarray, mask: np.ndarray | None) -> None:
-        """One layer: ``score_map`` (H, W); ``mask`` (H, W), non-zero = defect, None = clean."""
+    def add(self, score_map: np.ndarray, mask: np.ndarray | None, group: str = "") -> None:
+        """One layer: ``score_map`` (H, W); ``mask`` (H, W), non-zero = defect, None = clean;
+        ``group``: the unit :meth:`intervals` resamples (a job; layers of one group go
+        together)."""
         idx = self.bins.index(np.asarray(score_map))
         if mask is None:
-            self.clean += np.bincount(idx.ravel(), minlength=self.bins.n)
+            clean = np.bincount(idx.ravel(), minlength=self.bins.n)
+            self.clean += clean
+            self._add_group(group, clean, np.zeros(self.bins.n), np.zeros(self.bins.n), 0)
             return
         if mask.shape != idx.shape:
             raise InspectError(
@@ -95,41 +109,108 @@ class PixelCurves:
                 "bring both to the layer's size first"
             )
         defect = mask != 0
-        self.clean += np.bincount(idx[~defect], minlength=self.bins.n)
-        self.defect += np.bincount(idx[defect], minlength=self.bins.n)
+        clean = np.bincount(idx[~defect], minlength=self.bins.n)
+        hit = np.bincount(idx[defect], minlength=self.bins.n)
         labels, sizes = regions(defect)
+        overlap = np.zeros(self.bins.n)
         if sizes.size:
             weight = (1.0 / sizes)[labels[defect] - 1]
-            self.overlap += np.bincount(idx[defect], weights=weight, minlength=self.bins.n)
-            self.n_regions += int(sizes.size)
+            overlap = np.bincount(idx[defect], weights=weight, minlength=self.bins.n)
+        self.clean += clean
+        self.defect += hit
+        self.overlap += overlap
+        self.n_regions += int(sizes.size)
+        self._add_group(group, clean, hit, overlap, int(sizes.size))
+
+    def _add_group(
+        self, group: str, clean: np.ndarray, defect: np.ndarray, overlap: np.ndarray, n: int
+    ) -> None:
+        bins = int(self._coarse[-1]) + 1
+        held = self.groups.setdefault(group, [np.zeros(bins), np.zeros(bins), np.zeros(bins), 0])
+        for i, hist in enumerate((clean, defect, overlap)):
+            held[i] += np.bincount(self._coarse, weights=hist, minlength=bins)
+        held[3] += n
 
     def pixel_auroc(self) -> float | None:
         """AUROC over all pixels added (ties, and pairs in one bin, count half); None if all
         pixels are clean or all are defect."""
-        n_pos, n_neg = int(self.defect.sum()), int(self.clean.sum())
-        if n_pos == 0 or n_neg == 0:
-            return None
-        neg = self.clean.astype(np.float64)
-        below = np.cumsum(neg) - neg
-        wins = np.dot(self.defect.astype(np.float64), below + 0.5 * neg)
-        return float(wins / (float(n_pos) * float(n_neg)))
+        return auroc_from_hist(self.clean, self.defect)
 
     def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(FPR, PRO) at every bin edge as threshold (map >= edge), highest threshold first,
         starting at (0, 0) for a threshold above every score."""
-        n_neg = int(self.clean.sum())
-        if n_neg == 0 or self.n_regions == 0:
-            raise InspectError("a PRO curve needs clean pixels and at least one defect region")
-        fpr = _count_at_or_above(self.clean.astype(np.float64)) / n_neg
-        pro = _count_at_or_above(self.overlap) / self.n_regions
-        return np.concatenate([[0.0], fpr[::-1]]), np.concatenate([[0.0], pro[::-1]])
+        return pro_from_hist(self.clean, self.overlap, self.n_regions)
 
     def aupro(self, fpr_limit: float = FPR_LIMIT) -> float | None:
         """Area under PRO(FPR) for FPR in [0, fpr_limit], divided by ``fpr_limit`` (1.0 for a
         perfect map); None without clean pixels or without defect regions."""
-        if self.clean.sum() == 0 or self.n_regions == 0:
-            return None
-        return area_up_to(*self.pro_curve(), fpr_limit) / fpr_limit
+        return aupro_from_hist(self.clean, self.overlap, self.n_regions, fpr_limit)
+
+    def intervals(self, fpr_limit: float = FPR_LIMIT, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+        """95% percentile-bootstrap intervals of pixel AUROC and AUPRO over the groups
+        (resampled with replacement), each ``None`` with fewer than 2 groups or when a resample
+        can have no defect; ``n_groups`` says how many groups there were."""
+        out = {"pixel_auroc_ci95": None, "aupro_ci95": None, "n_groups": len(self.groups)}
+        if len(self.groups) < 2:
+            return out
+        held = list(self.groups.values())
+        stacked = [np.stack([g[i] for g in held]) for i in range(3)]
+        n_reg = np.array([g[3] for g in held], np.float64)
+        draws = (
+            np.random.default_rng(seed)
+            .multinomial(len(held), np.full(len(held), 1.0 / len(held)), size=n_boot)
+            .astype(np.float64)
+        )
+        clean, defect, overlap = (draws @ h for h in stacked)
+        regions_drawn = draws @ n_reg
+        rocs = [auroc_from_hist(c, d) for c, d in zip(clean, defect, strict=True)]
+        pros = [aupro_from_hist(c, o, r, fpr_limit)
+                for c, o, r in zip(clean, overlap, regions_drawn, strict=True)]  # fmt: skip
+        out["pixel_auroc_ci95"] = _percentiles(rocs)
+        out["aupro_ci95"] = _percentiles(pros)
+        return out
+
+
+def _percentiles(values: list[float | None]) -> list[float] | None:
+    """2.5th and 97.5th percentiles of the resamples that have a figure (a resample without
+    a defect has none); None when more than 5% of them have none."""
+    kept = [v for v in values if v is not None]
+    if len(kept) < 0.95 * len(values):
+        return None
+    return [float(q) for q in np.percentile(kept, [2.5, 97.5])]
+
+
+def auroc_from_hist(clean: np.ndarray, defect: np.ndarray) -> float | None:
+    """AUROC from score histograms of clean and defect pixels on the same bins (ties and pairs
+    in one bin count half); None without pixels of either kind."""
+    neg, pos = np.asarray(clean, np.float64), np.asarray(defect, np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return None
+    below = np.cumsum(neg) - neg
+    return float(np.dot(pos, below + 0.5 * neg) / (n_pos * n_neg))
+
+
+def pro_from_hist(
+    clean: np.ndarray, overlap: np.ndarray, n_regions: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at every bin edge as threshold, highest threshold first, from (0, 0)."""
+    n_neg = float(np.sum(clean))
+    if n_neg == 0 or n_regions == 0:
+        raise InspectError("a PRO curve needs clean pixels and at least one defect region")
+    fpr = _count_at_or_above(np.asarray(clean, np.float64)) / n_neg
+    pro = _count_at_or_above(np.asarray(overlap, np.float64)) / n_regions
+    return np.concatenate([[0.0], fpr[::-1]]), np.concatenate([[0.0], pro[::-1]])
+
+
+def aupro_from_hist(
+    clean: np.ndarray, overlap: np.ndarray, n_regions: float, fpr_limit: float = FPR_LIMIT
+) -> float | None:
+    """Normalised area under PRO(FPR) up to ``fpr_limit``; None without clean pixels or
+    regions."""
+    if np.sum(clean) == 0 or n_regions == 0:
+        return None
+    return area_up_to(*pro_from_hist(clean, overlap, n_regions), fpr_limit) / fpr_limit
 
 
 def _count_at_or_above(hist: np.ndarray) -> np.ndarray:

@@ -130,6 +130,9 @@ def test_eval_with_masks_writes_pixel_auroc(tiny_run, holdout_dir, tmp_path):
     assert saved["pixel_auroc"] == metrics["pixel_auroc"] and 0 <= saved["pixel_auroc"] <= 1
     assert 0 <= saved["aupro_30"] <= 1 and 0 <= saved["cell_auroc"] <= 1
     assert "grid cells" in saved["cell_auroc_note"]
+    assert saved["interval_groups"] == 5  # the hold-out set's 5 jobs: intervals resample jobs
+    lo, hi = saved["pixel_auroc_ci95"]
+    assert 0 <= lo <= saved["pixel_auroc"] <= hi <= 1
     peak = saved["peak_on_defect"]
     assert peak["n"] > 0 and peak["rate"] == pytest.approx(peak["hits"] / peak["n"])
     assert saved["peak_rss_mb"] > 0

@@ -191,6 +191,50 @@ def test_pro_weighs_regions_equally_unlike_pixel_auroc():
     assert small.aupro() == pytest.approx(0.5, abs=1e-3)
 
 
+def grouped_layers(rng, n_groups, per_group, spread):
+    """Layers of ``n_groups`` jobs; each job's maps separate defects by its own margin (the
+    margins differ by ``spread``), so resampling jobs moves the figures."""
+    masks = blob_masks(rng, n_groups * per_group, (24, 24))
+    margin = np.repeat(0.6 + spread * rng.standard_normal(n_groups), per_group)
+    maps = rng.random(masks.shape) + margin[:, None, None] * masks
+    return maps, masks, np.repeat([f"job{g}" for g in range(n_groups)], per_group)
+
+
+def test_intervals_are_the_bootstrap_over_jobs_computed_exactly():
+    rng = np.random.default_rng(7)
+    maps, masks, jobs = grouped_layers(rng, 6, 2, spread=0.3)
+    curves = PixelCurves(ScoreBins.from_sample(maps))
+    for dmap, mask, job in zip(maps, masks, jobs, strict=True):
+        curves.add(dmap, mask, group=job)
+    got = curves.intervals(n_boot=20, seed=3)
+    draws = np.random.default_rng(3).multinomial(6, np.full(6, 1 / 6), size=20)
+    rocs, pros = [], []
+    for counts in draws:
+        layers = [i for g, c in enumerate(counts) for _ in range(c) for i in (2 * g, 2 * g + 1)]
+        region_ids.offset = 0
+        rocs.append(exact_auroc(maps[layers].ravel(), masks[layers].ravel() > 0))
+        pros.append(exact_aupro(maps[layers], masks[layers]))
+    assert got["n_groups"] == 6
+    assert got["pixel_auroc_ci95"] == pytest.approx(np.percentile(rocs, [2.5, 97.5]), abs=2e-3)
+    assert got["aupro_ci95"] == pytest.approx(np.percentile(pros, [2.5, 97.5]), abs=5e-3)
+    lo, hi = got["pixel_auroc_ci95"]
+    assert lo < curves.pixel_auroc() < hi
+
+
+def test_intervals_widen_when_jobs_disagree_and_need_two_jobs():
+    def width(spread):
+        maps, masks, jobs = grouped_layers(np.random.default_rng(8), 8, 2, spread)
+        curves = PixelCurves(ScoreBins.from_sample(maps))
+        for dmap, mask, job in zip(maps, masks, jobs, strict=True):
+            curves.add(dmap, mask, group=job)
+        lo, hi = curves.intervals(n_boot=200)["pixel_auroc_ci95"]
+        return hi - lo
+
+    assert width(0.4) > 3 * width(0.0)
+    one_job = curves_of(*grouped_layers(np.random.default_rng(9), 1, 3, 0.1)[:2])
+    assert one_job.intervals() == {"pixel_auroc_ci95": None, "aupro_ci95": None, "n_groups": 1}
+
+
 def test_area_up_to_interpolates_at_the_limit():
     fpr, tpr = np.array([0.0, 0.0, 0.2, 0.5, 1.0]), np.array([0.0, 0.4, 1.0, 1.0, 1.0])
     assert area_up_to(fpr, tpr, 0.3) == pytest.approx(0.2 * 0.7 + 0.1)

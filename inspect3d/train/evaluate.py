@@ -198,6 +198,12 @@ CELL_AUROC_NOTE = (
 )
 
 
+INTERVAL_NOTE = (
+    "95% percentile bootstrap over jobs (a layer without a job is its own group), "
+    "1000 resamples; null with fewer than 2 groups"
+)
+
+
 def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold: float) -> dict:
     """Localisation figures of the defect maps against defect masks.
 
@@ -206,9 +212,10 @@ def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold
     one has no defect pixels. Each map is resized bilinearly to its layer's own image size and
     compared pixel by pixel, one layer at a time (see ``inspect3d.localisation``):
     ``pixel_auroc``, ``aupro_30`` (MVTec AD's per-region overlap up to 30% FPR) and
-    ``peak_on_defect``. On the defect-map grid, as before: ``cell_auroc`` (a cell is defect when
-    any of its pixels is) and ``region_recall`` (an 8-connected mask region counts as found when
-    the map reaches ``threshold`` in one of its cells).
+    ``peak_on_defect``, with ``*_ci95`` bootstrap intervals over jobs. On the defect-map grid,
+    as before: ``cell_auroc`` (a cell is defect when any of its pixels is) and
+    ``region_recall`` (an 8-connected mask region counts as found when the map reaches
+    ``threshold`` in one of its cells).
     """
     found = _masks_for(items, mask_root)
     grid = maps.shape[1:]
@@ -220,7 +227,7 @@ def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold
         mask, was_resized = _read_mask(path, size)
         resized += was_resized
         full = resize_map(dmap, size)
-        curves.add(full, mask)
+        curves.add(full, mask, group=item.job or str(item.path))
         peaks.append(None if mask is None else peak_on_defect(full, mask))
         layer_cells, layer_regions = _mask_on_grid(mask, grid)
         cells.append(layer_cells)
@@ -228,9 +235,14 @@ def mask_metrics(items: list[Item], maps: np.ndarray, mask_root: Path, threshold
     if resized:
         log.warning("%d mask(s) differ in size from their layer: resized (nearest) to it", resized)
     recall, n_found, n_regions = region_recall(maps, regions, threshold)
+    spread = curves.intervals(0.3)
     return {
         "pixel_auroc": curves.pixel_auroc(),
+        "pixel_auroc_ci95": spread["pixel_auroc_ci95"],
         "aupro_30": curves.aupro(0.3),
+        "aupro_30_ci95": spread["aupro_ci95"],
+        "interval_groups": spread["n_groups"],
+        "interval_note": INTERVAL_NOTE,
         "peak_on_defect": _peak_summary(peaks),
         "cell_auroc": cell_auroc(maps, np.stack(cells)),
         "cell_auroc_note": CELL_AUROC_NOTE,
@@ -356,17 +368,24 @@ def _log_summary(m: dict, out: Path) -> None:
 def _log_mask_summary(m: dict) -> None:
     peak = m["peak_on_defect"]
     log.info(
-        "localisation over %d px, %d regions: pixel AUROC %s, AUPRO@30%%FPR %s, "
+        "localisation over %d px, %d regions, %d jobs: pixel AUROC %s %s, AUPRO@30%%FPR %s %s, "
         "map peak within %g px of a defect on %d/%d defect layers",
         m["n_pixels"],
         m["n_regions"],
+        m["interval_groups"],
         _fmt(m["pixel_auroc"]),
+        _fmt_ci(m["pixel_auroc_ci95"]),
         _fmt(m["aupro_30"]),
+        _fmt_ci(m["aupro_30_ci95"]),
         peak["radius_px"],
         peak["hits"],
         peak["n"],
     )
     log.info("cell AUROC %s: %s", _fmt(m["cell_auroc"]), m["cell_auroc_note"])
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "(no interval)" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
