@@ -43,9 +43,12 @@ def build_model(
     pool_r: float = 0.0,
     dropout: float = 0.1,
     stride: int | None = None,
+    lines: bool = False,
 ) -> LayerNet:
     """A LayerNet with the named backbone for ``num_classes`` classes and ``spec`` inputs (an
-    ``InputSpec``, or anything with its four attributes, such as a ``Preprocess``)."""
+    ``InputSpec``, or anything with its four attributes, such as a ``Preprocess``). ``lines``:
+    append ``inspect3d.models.lines.LineFeatures`` (thin long lines: streaks) to the features
+    of a stride-8 backbone."""
     spec = InputSpec.of(spec)
     if name not in MODEL_NAMES:
         raise InspectError(f"unknown model {name!r}: choose one of {list(MODEL_NAMES)}")
@@ -57,6 +60,8 @@ def build_model(
         raise InspectError(
             f"model.stride={stride!r} applies to smallcnn only ({name!r} has its own stride)"
         )
+    if lines:
+        _check_lines(name, stride)
     if name == "smallcnn":
         backbone = SmallCNN(spec.channels, width, stride or 16)
         channels = backbone.out_channels
@@ -66,9 +71,25 @@ def build_model(
         from inspect3d.models.backbones import torchvision_backbone
 
         backbone, channels = torchvision_backbone(name, spec.channels, pretrained)
+    if lines:
+        from inspect3d.models.lines import WithLines
+
+        backbone = WithLines(backbone, channels)
+        channels = backbone.out_channels
     net = LayerNet(backbone, channels, num_classes, spec, pool_r=pool_r, dropout=dropout)
     net.pretrained_backbone = has_pretrained_backbone(name, pretrained)
     return net
+
+
+def _check_lines(name: str, stride: int | None) -> None:
+    """Line features come on a stride-8 grid: only stride-8 backbones take them."""
+    if name == "efficientnet_lite0_s8" or (name == "smallcnn" and stride == 8):
+        return
+    has = f"stride {stride or 16}" if name == "smallcnn" else "a coarser grid than stride 8"
+    raise InspectError(
+        f"model.lines=true needs a stride-8 model, and {name!r} has {has}: use "
+        "model=efficientnet_lite0_s8, or model=smallcnn model.stride=8, or model.lines=false"
+    )
 
 
 def has_pretrained_backbone(name: str, pretrained: bool) -> bool:
