@@ -44,11 +44,13 @@ def build_model(
     dropout: float = 0.1,
     stride: int | None = None,
     lines: bool = False,
+    head_hidden: int = 0,
 ) -> LayerNet:
     """A LayerNet with the named backbone for ``num_classes`` classes and ``spec`` inputs (an
     ``InputSpec``, or anything with its four attributes, such as a ``Preprocess``). ``lines``:
     append ``inspect3d.models.lines.LineFeatures`` (thin long lines: streaks) to the features
-    of a stride-8 backbone."""
+    of a stride-8 backbone. ``head_hidden``: channels of a hidden layer in the class head (0: a
+    linear head)."""
     spec = InputSpec.of(spec)
     if name not in MODEL_NAMES:
         raise InspectError(f"unknown model {name!r}: choose one of {list(MODEL_NAMES)}")
@@ -62,6 +64,7 @@ def build_model(
         )
     if lines:
         _check_lines(name, stride)
+    _check_head_hidden(head_hidden)
     if name == "smallcnn":
         backbone = SmallCNN(spec.channels, width, stride or 16)
         channels = backbone.out_channels
@@ -76,7 +79,15 @@ def build_model(
 
         backbone = WithLines(backbone, channels)
         channels = backbone.out_channels
-    net = LayerNet(backbone, channels, num_classes, spec, pool_r=pool_r, dropout=dropout)
+    net = LayerNet(
+        backbone,
+        channels,
+        num_classes,
+        spec,
+        pool_r=pool_r,
+        dropout=dropout,
+        head_hidden=head_hidden,
+    )
     net.pretrained_backbone = has_pretrained_backbone(name, pretrained)
     return net
 
@@ -90,6 +101,14 @@ def _check_lines(name: str, stride: int | None) -> None:
         f"model.lines=true needs a stride-8 model, and {name!r} has {has}: use "
         "model=efficientnet_lite0_s8, or model=smallcnn model.stride=8, or model.lines=false"
     )
+
+
+def _check_head_hidden(head_hidden: Any) -> None:
+    if isinstance(head_hidden, bool) or not isinstance(head_hidden, int) or head_hidden < 0:
+        raise InspectError(
+            f"model.head_hidden={head_hidden!r} is not a channel count: use 0 for a linear "
+            "head, or a whole number such as 64 for a hidden layer"
+        )
 
 
 def has_pretrained_backbone(name: str, pretrained: bool) -> bool:

@@ -65,12 +65,13 @@ class LayerNet(nn.Module):
         spec: InputSpec,
         pool_r: float = 0.0,
         dropout: float = 0.1,
+        head_hidden: int = 0,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(spec)
         self.backbone = backbone
         self.dropout = nn.Dropout2d(dropout)
-        self.head = nn.Conv2d(feature_channels, num_classes, kernel_size=1)
+        self.head = class_head(feature_channels, num_classes, head_hidden)
         self.pool_r = pool_r
 
         self.pretrained_backbone = False  # set by build_model: ImageNet weights were loaded
@@ -105,6 +106,19 @@ class LayerNet(nn.Module):
         if self.backbone_frozen:
             self.backbone.eval()
         return self
+
+
+def class_head(feature_channels: int, num_classes: int, hidden: int = 0) -> nn.Module:
+    """Features -> class logits per cell: a 1x1 convolution, or with ``hidden`` > 0 two of them
+    with a ReLU between (a small per-cell MLP: it can combine features a linear head cannot,
+    such as a faint streak that is neither dark nor bright on its own)."""
+    if hidden <= 0:
+        return nn.Conv2d(feature_channels, num_classes, kernel_size=1)
+    return nn.Sequential(
+        nn.Conv2d(feature_channels, hidden, kernel_size=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, num_classes, kernel_size=1),
+    )
 
 
 class HeadNet(nn.Module):
