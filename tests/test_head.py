@@ -33,7 +33,7 @@ def cell_accuracy(hidden: int) -> float:
     head = HeadNet(net)
     feats, labels = cells_either_way()
     # the head reads smallcnn's channels: put the 8 test features first, zeros after
-    width = (net.head.in_channels if hidden == 0 else net.head[0].in_channels) - 8
+    width = net.backbone.out_channels - 8
     x = torch.cat([feats, torch.zeros(feats.shape[0], width, 4, 4)], dim=1)
     opt = torch.optim.Adam(head.parameters(), lr=0.03)
     for _ in range(300):

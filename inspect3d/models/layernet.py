@@ -110,8 +110,8 @@ class LayerNet(nn.Module):
 
 def class_head(feature_channels: int, num_classes: int, hidden: int = 0) -> nn.Module:
     """Features -> class logits per cell: a 1x1 convolution, or with ``hidden`` > 0 two of them
-    with a ReLU between (a small per-cell MLP: it can combine features a linear head cannot,
-    such as a faint streak that is neither dark nor bright on its own)."""
+    with a ReLU between (a small per-cell MLP: it can learn a defect that lies on both sides of
+    the powder's features, darker or brighter, which one weighted sum cannot)."""
     if hidden <= 0:
         return nn.Conv2d(feature_channels, num_classes, kernel_size=1)
     return nn.Sequential(
