@@ -100,6 +100,9 @@ class TrainerConfig:
     resume: str | None = None  # path to a last.pt to continue from
     target_frr: float = 0.05  # false-reject rate on normal val layers for the threshold
     class_weights: str = "balanced"  # balanced | none
+    # the epoch the run keeps (checkpoint.pt): best = highest validation macro-F1 (ties: lower
+    # validation loss); last = the final epoch, for validation sets too small to choose by
+    keep: str = "best"
     map_loss_weight: float = (
         1.0  # defect-map loss from masks / normal layers (0: layer labels only)
     )

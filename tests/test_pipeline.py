@@ -226,3 +226,23 @@ def test_map_loss_needs_a_defect_layer_with_a_mask():
     assert map_loss_weight(only_normal, 1.0) == 0.0  # one-sided: it would favour normal
     with_defect = LayerDataset(images, [0, 1, 1], (masks, np.array([True, True, False])))
     assert map_loss_weight(with_defect, 0.5) == 0.5
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_the_run_keeps_the_epoch_trainer_keep_names(synth_dir, tmp_path, keep):
+    cfg = compose("train", train_overrides(synth_dir, "trainer.epochs=4", f"trainer.keep={keep}"))
+    metrics, path = isolated(train, cfg, tmp_path / keep)
+    kept, last = load_checkpoint(path), load_checkpoint(tmp_path / keep / "last.pt")
+    scores = [(h["val_macro_f1"], -h["val_loss"]) for h in last["history"]]
+    want = 4 if keep == "last" else 1 + scores.index(max(scores))  # first of equal bests
+    assert kept["epoch"] == metrics["best_epoch"] == want and metrics["keep"] == keep
+    if keep == "last":
+        for key, value in last["state_dict"].items():
+            assert torch.equal(kept["state_dict"][key], value), key
+
+
+@pytest.mark.parametrize("keep", ["final", "Best", "3"])
+def test_an_unknown_trainer_keep_is_refused(synth_dir, tmp_path, keep):
+    cfg = compose("train", train_overrides(synth_dir, f"trainer.keep={keep}"))
+    with pytest.raises(InspectError, match=f"trainer.keep='{keep}' is not valid: use best"):
+        isolated(train, cfg, tmp_path / "bad")

@@ -149,7 +149,8 @@ def discard_failed_run(out_dir: str | Path) -> bool:
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, Path]:
-    """Train, keep the best epoch by validation macro-F1, calibrate the threshold, save all.
+    """Train, keep the best epoch by validation macro-F1 (or the last: ``trainer.keep``),
+    calibrate the threshold, save all.
 
     Under ``torchrun`` every rank calls this; they train together (DDP) and all return rank 0's
     metrics and checkpoint path, which only rank 0 wrote (see ``inspect3d.train.distributed``).
@@ -158,8 +159,22 @@ def train(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, Path]:
         return _train(cfg, distributed.shared_out_dir(Path(out_dir)), device)
 
 
+KEEP = ("best", "last")
+
+
+def check_keep(keep: Any) -> str:
+    """``trainer.keep``: which epoch the run keeps as its checkpoint."""
+    if keep not in KEEP:
+        raise InspectError(
+            f"trainer.keep={keep!r} is not valid: use best (highest validation macro-F1) or "
+            "last (the final epoch)"
+        )
+    return keep
+
+
 def _train(cfg: DictConfig, out_dir: Path, device: torch.device) -> tuple[dict, Path]:
     plan = freeze_plan(cfg.model, cfg.optim, cfg.trainer.epochs)  # bad settings fail first
+    check_keep(cfg.trainer.keep)
     seed_everything(cfg.seed)
     with distributed.main_first():  # e.g. a synthetic set is generated once, by rank 0
         data = load_data(cfg.data, cfg.seed)
@@ -380,9 +395,7 @@ class _Training:
             "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}",
         )
         self._log_speed(epoch, speed)
-        score = (row["val_macro_f1"], val_loss)
-        if score[0] > self.best[0] or (score[0] == self.best[0] and score[1] < self.best[1]):
-            self.best = score
+        if self._keeps(epoch, (row["val_macro_f1"], val_loss)):
             save_checkpoint(self.out_dir / "checkpoint.pt", self.model, self.meta, epoch=epoch)
         save_checkpoint(
             self.out_dir / "last.pt",
@@ -394,6 +407,13 @@ class _Training:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
         )
+
+    def _keeps(self, epoch: int, score: tuple[float, float]) -> bool:
+        """Whether this epoch becomes checkpoint.pt (``trainer.keep``); tracks the best score."""
+        better = score[0] > self.best[0] or (score[0] == self.best[0] and score[1] < self.best[1])
+        if better:
+            self.best = score
+        return self.cfg.trainer.keep == "last" or better
 
     def _log_speed(self, epoch: int, speed: dict) -> None:
         """The user-visible speed figure, and what to do when training waits for data."""
@@ -426,7 +446,7 @@ class _Training:
         return metrics, Path(path)
 
     def _report(self) -> tuple[dict, Path]:
-        """Reload the best epoch, calibrate the threshold on normal val layers, write reports."""
+        """Reload the kept epoch, calibrate the threshold on normal val layers, write reports."""
         best_path = self.out_dir / "checkpoint.pt"
         ckpt = load_checkpoint(best_path)
         load_weights(self.model, ckpt, self.cfg.model.name)
@@ -435,7 +455,12 @@ class _Training:
         threshold = _threshold(probs, labels, target)
         groups = [self.data.groups[i] for i in self.data.val]
         metrics = summarize(labels, probs, self.data.classes, 0, threshold, groups)
-        metrics.update(best_epoch=ckpt["epoch"], target_frr=target, split=self._split_info())
+        metrics.update(
+            best_epoch=ckpt["epoch"],  # the kept epoch (trainer.keep says which)
+            keep=self.cfg.trainer.keep,
+            target_frr=target,
+            split=self._split_info(),
+        )
         metrics["scale"] = {
             "world_size": distributed.world_size(),
             "effective_batch": self.cfg.trainer.batch_size * distributed.world_size(),
@@ -456,10 +481,11 @@ class _Training:
             metrics["confusion_matrix"],
             self.data.classes,
             self.out_dir / "confusion.png",
-            "validation (best epoch)",
+            f"validation ({self.cfg.trainer.keep} epoch)",
         )
         log.info(
-            "best epoch %d: val macro-F1 %.3f (N=%d); threshold %.4f for FRR <= %.2f",
+            "%s epoch %d: val macro-F1 %.3f (N=%d); threshold %.4f for FRR <= %.2f",
+            self.cfg.trainer.keep,
             ckpt["epoch"],
             metrics["macro_f1"],
             metrics["n"],
