@@ -11,12 +11,15 @@ mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
 
-step "1/8 synthetic powder-bed jobs for training (seed 0) and a held-out set (seed 1)"
+step "1/8 synthetic powder-bed jobs: training (seed 0), validation (seed 3), held-out (seed 1)"
 inspect3d synth out="$OUT/synth" seed=0 n_jobs="$JOBS" layers_per_job=16 size="$SIZE"
+# a validation folder of its own: all training jobs train (each defect has only a few jobs)
+inspect3d synth out="$OUT/val" seed=3 n_jobs=8 layers_per_job=16 size="$SIZE"
 inspect3d synth out="$OUT/holdout" seed=1 n_jobs=8 layers_per_job=16 size="$SIZE"
 
-step "2/8 train: ImageNet Lite0 read at stride 8, frozen, + a head ($EPOCHS epochs at ${SIZE} px, job-wise split)"
-inspect3d train experiment=probe_s8 data=folder data.root="$OUT/synth" data.normal_class=ok \
+step "2/8 train: ImageNet Lite0 read at stride 8, frozen, + a head ($EPOCHS epochs at ${SIZE} px)"
+inspect3d train experiment=probe_s8 data=folder data.root="$OUT/synth" data.val_root="$OUT/val" \
+  data.normal_class=ok \
   data.height="$SIZE" data.width="$SIZE" trainer.epochs="$EPOCHS" trainer.batch_size=8 \
   hydra.run.dir="$OUT/run"
 

@@ -160,3 +160,19 @@ def test_probe_views_add_augmented_copies_of_the_training_layers_with_their_mask
     assert not torch.equal(feats.images[3:6], plain.images)  # the others augmented
     assert feats.masks.shape == (9, 1, 16, 16) and int(feats.masks[1].sum()) == 16
     assert int(feats.masks[4].sum()) > 0  # the defect's mask moved with its layer
+
+
+def test_the_demos_experiment_trains_a_hidden_head_keeps_the_last_epoch_and_exports(
+    synth_dir, tmp_path
+):
+    from inspect3d.export.onnx import export_run
+    from inspect3d.infer import OnnxModel
+
+    overrides = lite_overrides(synth_dir, "experiment=probe_s8", "trainer.epochs=3")
+    run = tmp_path / "s8"
+    metrics, path = isolated(train, compose("train", overrides), run)
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 3 == metrics["best_epoch"] and metrics["keep"] == "last"
+    assert ckpt["model"]["head_hidden"] == 64
+    isolated(export_run, compose("export", [f"run={run}"]))  # fails unless ONNX matches torch
+    assert OnnxModel.load(run / "model.onnx").meta.classes == ckpt["classes"]
