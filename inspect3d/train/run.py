@@ -395,7 +395,7 @@ class _Training:
             "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}",
         )
         self._log_speed(epoch, speed)
-        if self._keeps(epoch, (row["val_macro_f1"], val_loss)):
+        if self._keeps((row["val_macro_f1"], val_loss)):
             save_checkpoint(self.out_dir / "checkpoint.pt", self.model, self.meta, epoch=epoch)
         save_checkpoint(
             self.out_dir / "last.pt",
@@ -408,7 +408,7 @@ class _Training:
             scheduler=self.scheduler.state_dict(),
         )
 
-    def _keeps(self, epoch: int, score: tuple[float, float]) -> bool:
+    def _keeps(self, score: tuple[float, float]) -> bool:
         """Whether this epoch becomes checkpoint.pt (``trainer.keep``); tracks the best score."""
         better = score[0] > self.best[0] or (score[0] == self.best[0] and score[1] < self.best[1])
         if better:
