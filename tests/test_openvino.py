@@ -13,6 +13,7 @@ from test_watch import db, drain, layer_images, put
 
 from inspect3d.errors import InspectError
 from inspect3d.infer import providers
+from inspect3d.infer.metadata import INPUT_NAME
 from inspect3d.infer.model import OnnxModel
 from inspect3d.watch.status import summary
 
@@ -68,6 +69,9 @@ class _Shifted:
     def run(self, names, feeds):
         return [x + 0.01 for x in self.real.run(names, feeds)]
 
+    def get_providers(self):
+        return self.real.get_providers()
+
 
 def test_parity_outside_the_tolerance_refuses_to_score(exported, synth_dir):
     pytest.importorskip("openvino")
@@ -79,6 +83,33 @@ def test_parity_outside_the_tolerance_refuses_to_score(exported, synth_dir):
     for _ in range(2):  # the first call checks; every later one is refused as well
         with pytest.raises(InspectError, match="OUTSIDE the tolerance.*use provider=cpu"):
             model.predict(layer)
+
+
+def test_auto_falls_back_to_onnxruntime_when_the_parity_check_fails(exported, synth_dir, caplog):
+    pytest.importorskip("openvino")
+    from inspect3d.infer.openvino import OpenVinoSession
+
+    reference = _Shifted(exported)
+    session = OpenVinoSession(str(exported), reference=lambda: reference, fallback=True)
+    model = OnnxModel(session, OnnxModel.load(exported, provider="cpu").meta, str(exported))
+    layers = sorted(synth_dir.rglob("*.png"))[:2]
+    with caplog.at_level("ERROR", logger="inspect3d"):
+        first, second = (model.predict(p) for p in layers)  # scored, not refused
+    assert "OUTSIDE the tolerance" in caplog.text
+    assert "onnxruntime's CPU provider instead" in caplog.text
+    assert model.runtime == "onnxruntime CPUExecutionProvider"  # status shows what scores
+    probs, _ = reference.run(None, {INPUT_NAME: model.pre.load(layers[1])[None]})
+    assert list(second.probs.values()) == pytest.approx(probs[0].tolist(), abs=1e-6)
+
+
+def test_openvino_computes_in_float32_even_where_the_cpu_has_bfloat16(exported, synth_dir):
+    pytest.importorskip("openvino")
+    model = OnnxModel.load(exported, provider="openvino")
+    assert model.session.precision == "f32"  # OpenVINO's default there is bf16
+    layers = sorted(synth_dir.rglob("*.png"))[:4]
+    got = model.predict_batch(layers)
+    want = OnnxModel.load(exported, provider="cpu").predict_batch(layers)
+    np.testing.assert_allclose(got[0].defect_map, want[0].defect_map, atol=1e-5)
 
 
 def test_watcher_scores_with_openvino_and_status_says_so(watcher, synth_dir, tmp_path):

@@ -105,12 +105,13 @@ def open_session(
     path: Path, provider: str, threads: int = 0, spinning: bool = True, parity: bool = True
 ):
     """An onnxruntime session, or for OpenVINO one that behaves like it (``OpenVinoSession``:
-    with ``parity``, its first real batch is checked against onnxruntime's CPU provider)."""
+    with ``parity``, its first real batch is checked against onnxruntime's CPU provider; chosen
+    by ``auto``, it falls back to that provider if the check fails)."""
     if choose_runtime(provider) == OPENVINO:
         from inspect3d.infer.openvino import OpenVinoSession  # the optional extra
 
         reference = (lambda: open_session(path, "cpu", threads)) if parity else None
-        return OpenVinoSession(str(path), threads, reference)
+        return OpenVinoSession(str(path), threads, reference, fallback=provider == "auto")
     opts = session_options(threads, spinning)
     try:
         return ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))

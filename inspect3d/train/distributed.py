@@ -113,6 +113,10 @@ def process_group(device_name: str, timeout_s: float) -> Iterator[torch.device]:
         quiet_other_ranks()
         log.info("DDP: %d processes on %s (backend %s)", size, device.type, backend)
         yield device
+        # leave together: a rank that tore gloo down while rank 0 still wrote the run was seen
+        # to abort once in a loaded test run (SIGABRT, "terminate called without an active
+        # exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
