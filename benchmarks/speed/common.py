@@ -55,6 +55,15 @@ def update_section(name: str, text: str, doc: Path = DOC) -> Path:
     return write_section(doc, f"<!-- {name}:begin -->", f"<!-- {name}:end -->", text, "# Speed")
 
 
+def per_int8_class(name: str) -> str:
+    """``name`` on a CPU without VNNI/AMX, else ``name_vnni`` / ``name_amx``: int8 figures of
+    each CPU class keep a section (and results file) of their own."""
+    from inspect3d.infer.cpu import int8_class
+
+    cls = int8_class()
+    return name if cls == "none" else f"{name}_{cls}"
+
+
 def publish(name: str, text: str, results: dict, doc: bool = True) -> None:
     """Print ``text``, keep ``results`` in results/<name>.json and, with ``doc``, write ``text``
     as the ``name`` section of docs/speed.md."""

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import interleaved, machine, machine_line, med, op_profile, publish
+from common import interleaved, machine, machine_line, med, op_profile, per_int8_class, publish
 
 from inspect3d.config import compose
 from inspect3d.data.layers import load_layers
@@ -129,7 +129,7 @@ def main() -> None:
         run, holdout = trained_run(Path(tmp), args.epochs, args.size)
         res["accuracy"] = accuracy(run, holdout)
         res["speed"] = speed(run, args.repeats)
-    publish("int8", report(res, args), res, doc=not args.no_doc)
+    publish(per_int8_class("int8"), report(res, args), res, doc=not args.no_doc)
 
 
 if __name__ == "__main__":

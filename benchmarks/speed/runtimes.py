@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import interleaved, machine, machine_line, med, publish
+from common import interleaved, machine, machine_line, med, per_int8_class, publish
 from int8 import trained_run
 
 from inspect3d.data.layers import load_layers
@@ -219,7 +219,7 @@ def main() -> None:
         res["size"] = "x".join(map(str, meta.preprocess.size))
         res["agreement"] = agreement(sessions, meta, data)
         res["chosen"] = chosen(run)
-    publish("runtimes", report(res, args), res, doc=not args.no_doc)
+    publish(per_int8_class("runtimes"), report(res, args), res, doc=not args.no_doc)
 
 
 if __name__ == "__main__":
