@@ -94,7 +94,7 @@ def test_auto_falls_back_to_onnxruntime_when_the_parity_check_fails(exported, sy
     model = OnnxModel(session, OnnxModel.load(exported, provider="cpu").meta, str(exported))
     layers = sorted(synth_dir.rglob("*.png"))[:2]
     with caplog.at_level("ERROR", logger="inspect3d"):
-        first, second = (model.predict(p) for p in layers)  # scored, not refused
+        _, second = (model.predict(p) for p in layers)  # scored, not refused
     assert "OUTSIDE the tolerance" in caplog.text
     assert "onnxruntime's CPU provider instead" in caplog.text
     assert model.runtime == "onnxruntime CPUExecutionProvider"  # status shows what scores

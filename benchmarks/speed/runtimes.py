@@ -177,17 +177,16 @@ def report(res: dict, args) -> str:
               "measurement at batch 1, 8, 16):", ""]  # fmt: skip
     lines += [f"- {rt}: {why}" for rt, why in res["chosen"].items()]
     lines += ["", _reading(sp)]
-    lines += ["", _goal_line(int8_class())]
+    lines += ["", _goal_line(res["int8_class"])]
     return "\n".join(lines)
 
 
 def _goal_line(cls: str) -> str:
     """The int8 goal (>= 2.5x at <= 1 point, for CPUs with VNNI/AMX) as this CPU can judge it."""
+    lead = "The goal of >= 2.5x for int8 at <= 1 point is for CPUs with VNNI/AMX; this one "
     if cls == "none":
-        return ("The goal of >= 2.5x for int8 at <= 1 point is for CPUs with VNNI/AMX; this one "
-                "has neither, so it cannot be measured here.")  # fmt: skip
-    has = f"has {cls.upper()}: read the int8 ratios and the accuracy rows above against it."
-    return f"The goal of >= 2.5x for int8 at <= 1 point is for CPUs with VNNI/AMX; this one {has}"
+        return lead + "has neither, so it cannot be measured here."
+    return lead + f"has {cls.upper()}: read the int8 ratios and the accuracy rows above against it."
 
 
 def _reading(sp: dict) -> str:

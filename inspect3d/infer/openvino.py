@@ -9,14 +9,14 @@ largest difference and the tolerance are logged, and past the tolerance every ca
 layer gets a score the exported model would not give), unless the session was opened by
 ``provider=auto``: then it logs the error and scores with the reference (onnxruntime) from there
 on. The reference session is otherwise dropped.
+An int8 (QDQ) model is rounded differently by the two runtimes' int8 kernels (differences of a
+few quantisation steps are normal), so there the check asks for the same class on every layer
+and logs the differences.
 
 Precision: OpenVINO computes in bfloat16 by default on CPUs that have it (AVX512_BF16, AMX:
 Zen 4, Sapphire Rapids); measured on the demo's model, that moves defect maps by up to 0.47 and
 probabilities by 6e-3. Sessions here ask for float32 (``INFERENCE_PRECISION_HINT``), the
 precision the model was exported and checked in.
-An int8 (QDQ) model is rounded differently by the two runtimes' int8 kernels (differences of a
-few quantisation steps are normal), so there the check asks for the same class on every layer
-and logs the differences.
 """
 
 from __future__ import annotations
