@@ -97,3 +97,23 @@ def test_job_threshold_matches_the_policy(bench):
             for t, rejected in ((critical, True), (np.nextafter(critical, 2.0), False)):
                 row = wp.replay_jobs(items, scores, t, policy)[0]
                 assert (row["reject_at"] is not None) == rejected
+
+
+def test_implanted_defects_lie_inside_the_plate_and_their_masks_say_where(bench):
+    """Each implanted kind changes the layer where its mask is, inside the eroded plate."""
+    common, _ = bench
+    import implanted
+
+    rng = np.random.default_rng(0)
+    layer = (128 + rng.normal(0, 2, (200, 240))).clip(0, 255).astype(np.uint8)
+    roi = [[0.25, 0.0], [1.0, 0.0], [1.0, 1.0], [0.25, 1.0]]  # the left quarter is frame
+    plate = implanted.plate_mask(roi, layer.shape)
+    assert not plate[:, : 60 + implanted.EDGE].any() and plate[100, 120]
+    for kind in implanted.KINDS:
+        out, mask = implanted.implant(layer, kind, plate, rng)
+        changed = np.abs(out.astype(int) - layer) > 0
+        assert mask.any() and not (mask & ~plate).any(), kind
+        assert changed[mask].mean() > 0.5, kind  # the mask marks what was drawn
+        assert not changed[:, :40].any(), kind  # on the frame at most an incandescent glow's rim
+    with pytest.raises(ValueError, match="scratch"):
+        implanted.implant(layer, "scratch", plate, rng)

@@ -18,13 +18,15 @@ noise of about 1. Defects are placed inside the plate the fitted model inspects 
 Cases (fit-normal with the shipped defaults, native resolution, no part masks):
 
 - eos_parts: fitted on the first 20 layers of job …074338; every layer of the 3 other jobs
-  (new part shapes), each once per defect kind;
+  (new part shapes), each once per defect kind; once without and once with the part masks
+  (``normal.use_parts=true``, each implanted copy scored with its layer's mask);
 - PBLM No_Defect (one session, 1024 px): fitted on layers 0-14, tested on layers 17-22 (a
   purge gap of 2 layers, exact duplicates of fitted layers left out), each once per kind.
 
 Figures: pixel AUROC at image resolution, AUPRO up to 30% FPR, map maximum within 16 px of the
 defect (``inspect3d.train.evaluate.mask_metrics``), per kind and over all; the layers over the
-threshold with and without the defect. ``python benchmarks/quality/implanted.py [--only eos|pblm]``.
+threshold with and without the defect.
+``python benchmarks/quality/implanted.py [--only eos|eos_parts|pblm]``.
 Results: docs/quality/implanted.json and the ``implanted`` section of docs/quality.md.
 """
 
@@ -157,10 +159,15 @@ def implanted_set(
     return items
 
 
-def figures(net, pre, clean: list[Path], items: list[Item], masks: Path) -> dict:
-    """Localisation per kind and over all, and the layers over the threshold."""
-    clean_scores, _ = score(net, pre, clean)
-    scores, maps = score(net, pre, [it.path for it in items])
+def figures(
+    net, pre, clean: list[Path], items: list[Item], masks: Path, parts: list | None = None
+) -> dict:
+    """Localisation per kind and over all, and the layers over the threshold; ``parts``: the
+    clean layers' part masks (for a model fitted with them; each implanted copy has its
+    layer's)."""
+    clean_scores, _ = score(net, pre, clean, parts)
+    copies = None if parts is None else [m for m in parts for _ in KINDS]
+    scores, maps = score(net, pre, [it.path for it in items], copies)
     labels = np.array([it.label for it in items])
     out = {"all": _loc(items, maps, masks), "clean_over_threshold":
            rate((clean_scores >= 1).sum(), len(clean))}  # fmt: skip
@@ -179,16 +186,25 @@ def _loc(items: list[Item], maps: np.ndarray, masks: Path) -> dict:
     return {k: m[k] for k in keys}
 
 
-def eos_case(work: Path) -> dict:
+def part_mask(layer: Path) -> Path:
+    return EOS / "part_masks" / layer.name
+
+
+def eos_case(work: Path, parts: bool = False) -> dict:
+    """``parts``: fitted and scored with the part masks (``normal.use_parts=true``)."""
     jobs = eos_jobs()
     fit_job = sorted(jobs)[0]
-    fitted = [(p, eos_name(p), None) for p in jobs[fit_job][:20]]
-    net, pre, meta, seconds = fit(link_layers(work / "eos_fit", fitted), work / "run_eos")
+    fitted = [(p, eos_name(p), part_mask(p) if parts else None) for p in jobs[fit_job][:20]]
+    tag = "eos_parts" if parts else "eos"
+    net, pre, meta, seconds = fit(link_layers(work / f"{tag}_fit", fitted), work / f"run_{tag}")
     tests = [(p, j) for j in sorted(jobs) if j != fit_job for p in jobs[j]]
     items = implanted_set(tests, meta.get("roi"), work / "eos_test", seed=11)
-    result = figures(net, pre, [p for p, _ in tests], items, work / "eos_test" / "_masks")
-    return plain({"fit": f"…{fit_job[-6:]} (20 layers)", "test_layers": len(tests),
-                  "test_jobs": len(jobs) - 1, "fit_seconds": round(seconds, 1),
+    clean = [p for p, _ in tests]
+    masks = [part_mask(p) for p in clean] if parts else None
+    result = figures(net, pre, clean, items, work / "eos_test" / "_masks", masks)
+    test = f"{len(tests)} layers of the {len(jobs) - 1} other jobs (intervals over these jobs)"
+    return plain({"fit": f"…{fit_job[-6:]} (20 layers)", "test": test,
+                  "fit_seconds": round(seconds, 1),
                   "fit_peak_rss_mb": meta.get("peak_rss_mb"), "size": list(pre.size),
                   **result})  # fmt: skip
 
@@ -207,8 +223,9 @@ def pblm_case(work: Path) -> dict:
     tests = [(p, p.stem.replace(" ", "_")) for p in test]  # intervals over layers
     items = implanted_set(tests, meta.get("roi"), work / "pblm_test", seed=12)
     result = figures(net, pre, test, items, work / "pblm_test" / "_masks")
-    return plain({"fit": "No_Defect 0-14 (15 layers)", "test_layers": len(test),
-                  "test_jobs": 1, "fit_seconds": round(seconds, 1),
+    where = f"{len(test)} later layers of the same session (17-22; intervals over layers)"
+    return plain({"fit": "No_Defect 0-14 (15 layers)", "test": where,
+                  "fit_seconds": round(seconds, 1),
                   "fit_peak_rss_mb": meta.get("peak_rss_mb"), "size": list(pre.size),
                   **result})  # fmt: skip
 
@@ -222,37 +239,49 @@ def _row(name: str, c: dict) -> str:
             f"{over['k']}/{over['n']} |")  # fmt: skip
 
 
+HEADER = (
+    "| defect | pixel AUROC [95% CI] | AUPRO 30% [95% CI] | map maximum within 16 px "
+    "| layers over the threshold |"
+)
+
+
 def report(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: {common.machine_line(m)}. Command: "
-             "`python benchmarks/quality/implanted.py`. Shipped fit-normal defaults (no part "
-             "masks); defects drawn into real good layers (the module's doc says how).", ""]  # fmt: skip
-    for key, title in (("eos", "eos_parts"), ("pblm", "PBLM No_Defect")):
+    lines = [
+        f"Machine: {common.machine_line(m)}. Command: `python benchmarks/quality/implanted.py`. "
+        "Shipped fit-normal defaults; defects drawn into real good layers (the module's doc "
+        "says how).",
+        "",
+    ]
+    cases = (("eos", "eos_parts"), ("eos_parts", "eos_parts, fitted and scored with part masks"),
+             ("pblm", "PBLM No_Defect"))  # fmt: skip
+    for key, title in cases:
         c = results.get(key)
         if not c:
             continue
         clean = c["clean_over_threshold"]
-        lines += [f"**{title}**: fitted on {c['fit']}, tested on {c['test_layers']} layers of "
-                  f"{c['test_jobs']} other job(s), each with every kind (input "
+        lines += [f"**{title}**: fitted on {c['fit']}, tested on {c['test']}, each layer once "
+                  f"with every kind (input "
                   f"{c['size'][1]}x{c['size'][0]} px; fit {c['fit_seconds']} s, peak "
                   f"{common.fmt(c['fit_peak_rss_mb'], 0)} MB; the same layers without a defect: "
                   f"{clean['k']}/{clean['n']} over the threshold; measured {c['measured']}).",
-                  "", "| defect | pixel AUROC [95% CI] | AUPRO 30% [95% CI] | map maximum "
-                  "within 16 px | layers over the threshold |", "|---|---|---|---|---|"]  # fmt: skip
+                  "", HEADER, "|---|---|---|---|---|"]  # fmt: skip
         lines += [_row(k, c[k]) for k in KINDS] + [_row("all", c["all"]), ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["eos", "pblm"])
+    ap.add_argument("--only", choices=["eos", "eos_parts", "pblm"])
     args = ap.parse_args()
     work = common.WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     results = common.load_results(common.RESULTS, NAME) or {}
     results["machine"] = common.print_machine()
     stamp = results["machine"]["date"]
-    for key, case, src in (("eos", eos_case, EOS), ("pblm", pblm_case, PBLM)):
+    cases = (("eos", lambda w: eos_case(w), EOS), ("eos_parts", lambda w: eos_case(w, True), EOS),
+             ("pblm", pblm_case, PBLM))  # fmt: skip
+    for key, case, src in cases:
         if args.only in (None, key) and src.is_dir():
             results[key] = {**case(work), "measured": stamp}
     common.save_results(common.RESULTS, NAME, results)
