@@ -49,6 +49,15 @@ def test_gaussian_exports_with_parity(synth_dir, holdout_dir, tmp_path):
     assert OnnxModel.load(run / "model.onnx").meta.model_name == "efficientnet_lite0+gaussian"
 
 
+def test_residual_channels_export_with_parity(synth_dir, holdout_dir, tmp_path):
+    run = fit_and_export(
+        synth_dir, tmp_path, "normal.residual=true", "normal.bank_size=64", "normal.max_layers=8"
+    )
+    net = model_from_checkpoint(load_checkpoint(run / "checkpoint.pt"))
+    assert net.features.out_channels == 152 + 8 and float(net.scorer.res_weight) > 0
+    test_onnx_matches_torch_on_new_layers(run, holdout_dir)
+
+
 def test_export_has_supervised_outputs_and_normal_only_metadata(normal_run):
     model = OnnxModel.load(normal_run / "model.onnx")
     meta = model.meta

@@ -26,7 +26,9 @@ Cases (fit-normal with the shipped defaults, native resolution, no part masks):
 Figures: pixel AUROC at image resolution, AUPRO up to 30% FPR, map maximum within 16 px of the
 defect (``inspect3d.train.evaluate.mask_metrics``), per kind and over all; the layers over the
 threshold with and without the defect.
-``python benchmarks/quality/implanted.py [--only eos|eos_parts|pblm]``.
+``python benchmarks/quality/implanted.py [--only eos|eos_parts|pblm] [--set OVERRIDE ...]``;
+``--set`` fits with fit-normal overrides (a variant, e.g. ``normal.residual=true``), reported
+next to the defaults.
 Results: docs/quality/implanted.json and the ``implanted`` section of docs/quality.md.
 """
 
@@ -190,13 +192,16 @@ def part_mask(layer: Path) -> Path:
     return EOS / "part_masks" / layer.name
 
 
-def eos_case(work: Path, parts: bool = False) -> dict:
-    """``parts``: fitted and scored with the part masks (``normal.use_parts=true``)."""
+def eos_case(work: Path, parts: bool = False, extra: tuple[str, ...] = ()) -> dict:
+    """``parts``: fitted and scored with the part masks (``normal.use_parts=true``);
+    ``extra``: fit-normal overrides."""
     jobs = eos_jobs()
     fit_job = sorted(jobs)[0]
     fitted = [(p, eos_name(p), part_mask(p) if parts else None) for p in jobs[fit_job][:20]]
     tag = "eos_parts" if parts else "eos"
-    net, pre, meta, seconds = fit(link_layers(work / f"{tag}_fit", fitted), work / f"run_{tag}")
+    net, pre, meta, seconds = fit(
+        link_layers(work / f"{tag}_fit", fitted), work / f"run_{tag}", *extra
+    )
     tests = [(p, j) for j in sorted(jobs) if j != fit_job for p in jobs[j]]
     items = implanted_set(tests, meta.get("roi"), work / "eos_test", seed=11)
     clean = [p for p, _ in tests]
@@ -213,13 +218,13 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def pblm_case(work: Path) -> dict:
+def pblm_case(work: Path, extra: tuple[str, ...] = ()) -> dict:
     layers = sorted(PBLM.glob("*.jpg"))
     fit_layers, test = layers[:15], layers[17:]
     seen = {_digest(p) for p in fit_layers}
     test = [p for p in test if _digest(p) not in seen]
     fitted = [(p, p.name.replace(" ", "_"), None) for p in fit_layers]
-    net, pre, meta, seconds = fit(link_layers(work / "pblm_fit", fitted), work / "run_pblm")
+    net, pre, meta, seconds = fit(link_layers(work / "pblm_fit", fitted), work / "run_pblm", *extra)
     tests = [(p, p.stem.replace(" ", "_")) for p in test]  # intervals over layers
     items = implanted_set(tests, meta.get("roi"), work / "pblm_test", seed=12)
     result = figures(net, pre, test, items, work / "pblm_test" / "_masks")
@@ -245,6 +250,10 @@ HEADER = (
 )
 
 
+CASES = (("eos", "eos_parts"), ("eos_parts", "eos_parts, fitted and scored with part masks"),
+         ("pblm", "PBLM No_Defect"))  # fmt: skip
+
+
 def report(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -253,9 +262,16 @@ def report(results: dict) -> str:
         "says how).",
         "",
     ]
-    cases = (("eos", "eos_parts"), ("eos_parts", "eos_parts, fitted and scored with part masks"),
-             ("pblm", "PBLM No_Defect"))  # fmt: skip
-    for key, title in cases:
+    lines += _tables(results)
+    for name, variant in sorted(results.get("variants", {}).items()):
+        lines += [f"**Variant `{name}`** (`--set {name}`; the defaults otherwise):", ""]
+        lines += _tables(variant)
+    return "\n".join(lines)
+
+
+def _tables(results: dict) -> list[str]:
+    lines = []
+    for key, title in CASES:
         c = results.get(key)
         if not c:
             continue
@@ -267,23 +283,28 @@ def report(results: dict) -> str:
                   f"{clean['k']}/{clean['n']} over the threshold; measured {c['measured']}).",
                   "", HEADER, "|---|---|---|---|---|"]  # fmt: skip
         lines += [_row(k, c[k]) for k in KINDS] + [_row("all", c["all"]), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["eos", "eos_parts", "pblm"])
+    ap.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE",
+                    help="fit-normal overrides: measure a variant")  # fmt: skip
     args = ap.parse_args()
-    work = common.WORK / NAME
+    extra = tuple(args.set)
+    work = common.WORK / NAME / "_".join(extra).replace("=", "-")
     work.mkdir(parents=True, exist_ok=True)
     results = common.load_results(common.RESULTS, NAME) or {}
     results["machine"] = common.print_machine()
     stamp = results["machine"]["date"]
-    cases = (("eos", lambda w: eos_case(w), EOS), ("eos_parts", lambda w: eos_case(w, True), EOS),
-             ("pblm", pblm_case, PBLM))  # fmt: skip
+    into = results.setdefault("variants", {}).setdefault(" ".join(extra), {}) if extra else results
+    cases = (("eos", lambda w: eos_case(w, False, extra), EOS),
+             ("eos_parts", lambda w: eos_case(w, True, extra), EOS),
+             ("pblm", lambda w: pblm_case(w, extra), PBLM))  # fmt: skip
     for key, case, src in cases:
         if args.only in (None, key) and src.is_dir():
-            results[key] = {**case(work), "measured": stamp}
+            into[key] = {**case(work), "measured": stamp}
     common.save_results(common.RESULTS, NAME, results)
     common.update_section(NAME, report(results))
     print(report(results))

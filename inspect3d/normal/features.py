@@ -3,9 +3,14 @@
 The stride-16 map is upsampled to the stride-8 grid and concatenated (40 + 112 = 152
 channels); a 3x3 mean over neighbouring cells gives each patch a little context (as
 PatchCore does). ``grid_stride=16`` averages 2x2 cells, a coarser and cheaper map.
+
+``residual=True`` appends ``PixelResidual``'s 8 channels: what the layer's pixels show at
+1-3 px scale (thin streaks, pits, spatter) that the stride-8 ImageNet features dilute.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +29,72 @@ from inspect3d.models.layernet import Normalize
 
 GRID_STRIDES = (8, 16)
 FEATURE_CHANNELS = FINE_CHANNELS
+RESIDUAL_CHANNELS = 8
+LINE_PX = 63  # length a streak response is averaged over (along rows, along columns)
+
+
+def _gaussian_1d(sigma: float) -> torch.Tensor:
+    r = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+class PixelResidual(nn.Module):
+    """uint8 layers (N, C, H, W) -> (N, 8, ceil(H/8), ceil(W/8)): matched responses of the grey
+    layer's high-pass residual (layer minus its Gaussian blur), each cell their maximum over its
+    8x8 pixels, bright (+) and dark (-) apart:
+
+    * a row and a column line: the residual (sigma 3 px) averaged over ``LINE_PX`` pixels along
+      it, where a 1-3 px streak adds up and the powder's grain averages out;
+    * a speck: the residual smoothed by 1 px (spatter);
+    * a pit or spot: the sigma-8 residual smoothed by 3 px (holes, incandescence).
+
+    Grey levels as they are (0-255): the memory bank scales them (``MemoryBank``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, sigma in (("g1", 1.0), ("g3", 3.0), ("g8", 8.0)):
+            self.register_buffer(name, _gaussian_1d(sigma), persistent=False)
+
+    @staticmethod
+    def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        r = len(g) // 2
+        x = F.conv2d(F.pad(x, [r, r, 0, 0], mode="replicate"), g.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(x, [0, 0, r, r], mode="replicate"), g.view(1, 1, -1, 1))
+
+    @staticmethod
+    def _line(x: torch.Tensor, along_rows: bool) -> torch.Tensor:
+        """Mean over ``LINE_PX`` pixels along rows (columns), of those inside the layer."""
+        r = LINE_PX // 2
+        if along_rows:
+            return F.avg_pool2d(x, (1, LINE_PX), 1, (0, r), count_include_pad=False)
+        return F.avg_pool2d(x, (LINE_PX, 1), 1, (r, 0), count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grey = x.float().mean(1, keepdim=True)
+        fine = grey - self._blur(grey, self.g3)
+        broad = grey - self._blur(grey, self.g8)
+        resp = torch.cat(
+            [
+                self._line(fine, True),
+                self._line(fine, False),
+                self._blur(fine, self.g1),
+                self._blur(broad, self.g3),
+            ],
+            dim=1,
+        )
+        return F.max_pool2d(torch.cat([resp, -resp], dim=1), 8, stride=8, ceil_mode=True)
 
 
 class PatchFeatures(nn.Module):
-    """uint8 layers (N, C, H, W) -> patch features (N, 152, H/s, W/s), s = ``grid_stride``."""
+    """uint8 layers (N, C, H, W) -> patch features (N, 152 [+ 8], H/s, W/s), s = ``grid_stride``;
+    ``deep_channels`` of them from the backbone, the rest ``PixelResidual``'s."""
 
-    def __init__(self, pre: Preprocess, pretrained: bool = True, grid_stride: int = 8) -> None:
+    def __init__(
+        self, pre: Preprocess, pretrained: bool = True, grid_stride: int = 8, residual: bool = False
+    ) -> None:
         super().__init__()
         if grid_stride not in GRID_STRIDES:
             raise InspectError(
@@ -41,7 +106,9 @@ class PatchFeatures(nn.Module):
         self.stem = lite.stem
         self.blocks = nn.ModuleList(lite.blocks[: STRIDE16_BLOCK + 1])
         self.grid_stride = grid_stride
-        self.out_channels = FEATURE_CHANNELS
+        self.deep_channels = FEATURE_CHANNELS
+        self.residual = PixelResidual() if residual else None
+        self.out_channels = FEATURE_CHANNELS + (RESIDUAL_CHANNELS if residual else 0)
         self.requires_grad_(False)
         self.eval()
 
@@ -56,4 +123,9 @@ class PatchFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = fine_features(self.stem, self.blocks, self.adapter(self.normalize(x)))
+        if self.residual is not None:
+            res = self.residual(x)[..., : feats.shape[-2], : feats.shape[-1]]
+            if self.grid_stride == 16:
+                return torch.cat([F.avg_pool2d(feats, 2), F.max_pool2d(res, 2)], dim=1)
+            return torch.cat([feats, res], dim=1)
         return F.avg_pool2d(feats, 2) if self.grid_stride == 16 else feats

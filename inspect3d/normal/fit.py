@@ -178,6 +178,7 @@ def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
         "roi": roi,
         "part_bank_size": part_bank,
         "whiten": bool(nc.whiten),
+        "residual": bool(nc.residual),
     }
 
 
@@ -370,24 +371,27 @@ def part_masks(items: list[Item], data: Any, native) -> list[np.ndarray | None] 
 def fit_banks(net: NormalNet, table: PatchTable, nc: Any, seed: int) -> None:
     """Fit the scorer (Gaussian or memory bank) on the good patches of ``table``; with a part
     memory, powder and part patches fill their own banks. Bank features are whitened first
-    when the net has a ``Whiten`` (statistics of the powder patches)."""
+    when the net has a ``Whiten`` (statistics of the powder patches); residual channels, if
+    any, are kept as they are and scaled by the bank."""
     patches, kind = table.patches, table.kinds
     if nc.method == "gaussian":
         net.scorer.set_stats(*shrunk_gaussian(patches, nc.shrinkage))
         return
+    deep = net.scorer.channels
     if net.whiten is not None:
         powder = patches[kind == 1] if (kind == 1).any() else patches
-        mean, whiten = shrunk_gaussian(_pool(powder, nc.coreset_pool, seed), nc.shrinkage)
+        pool = _pool(powder, nc.coreset_pool, seed)[:, :deep]
+        mean, whiten = shrunk_gaussian(pool, nc.shrinkage)
         net.whiten.set_stats(mean, whiten)
-        patches = (patches - mean) @ whiten
+        patches = torch.cat([(patches[:, :deep] - mean) @ whiten, patches[:, deep:]], dim=1)
     if net.part_scorer is None:
-        net.scorer.set_bank(_coreset(patches, len(net.scorer.bank), nc, seed))
+        net.scorer.set_bank(*_coreset(patches, len(net.scorer.bank), nc, seed, deep))
         return
-    net.scorer.set_bank(_coreset(patches[kind == 1], len(net.scorer.bank), nc, seed))
+    net.scorer.set_bank(*_coreset(patches[kind == 1], len(net.scorer.bank), nc, seed, deep))
     parts = patches[kind == 2]
     if len(parts) == 0:  # no part in these layers: the part memory holds powder
         parts = patches[kind == 1]
-    net.part_scorer.set_bank(_coreset(parts, len(net.part_scorer.bank), nc, seed))
+    net.part_scorer.set_bank(*_coreset(parts, len(net.part_scorer.bank), nc, seed, deep))
 
 
 def _pool(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -396,15 +400,21 @@ def _pool(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return patches[torch.randperm(len(patches), generator=gen)[:size]]
 
 
-def _coreset(patches: torch.Tensor, size: int, nc: Any, seed: int) -> torch.Tensor:
-    """``size`` rows: a greedy coreset of a random pool of ``normal.coreset_pool`` patches."""
+SCALE_SAMPLE = 20000  # good patches that set a bank's residual scales and weight
+
+
+def _coreset(
+    patches: torch.Tensor, size: int, nc: Any, seed: int, deep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` rows: a greedy coreset (over the first ``deep`` channels) of a random pool of
+    ``normal.coreset_pool`` patches; and a sample of the pool for the bank's scales."""
     if len(patches) == 0:
         raise InspectError("no good patch inside normal.roi: give a larger region of interest")
     pool = _pool(patches, nc.coreset_pool, seed)
-    bank = pool[greedy_coreset(pool, size, seed)]
+    bank = pool[greedy_coreset(pool[:, :deep], size, seed)]
     if len(bank) < size:  # fewer good patches than bank slots: repeat some
         bank = bank[torch.arange(size) % len(bank)]
-    return bank
+    return bank, pool[:SCALE_SAMPLE]
 
 
 def out_of_fold_scores(

@@ -38,40 +38,99 @@ from inspect3d.normal.roi import roi_on_grid
 SCORERS = ("patchcore", "gaussian")
 LAYER_SCORES = ("max", "topk")
 BANK_CHUNK = 2048  # bank rows per matmul: (h*w, 2048) floats per layer at a time
+NEIGHBOURS = 8  # nearest bank patches whose residual channels a patch is compared with
 
 
 class MemoryBank(nn.Module):
-    """Distance of each patch to its nearest neighbour among ``bank`` (M, C) good patches."""
+    """Distance of each patch to its nearest neighbour among ``bank`` (M, C) good patches.
 
-    def __init__(self, size: int, channels: int) -> None:
+    With ``extra`` > 0 channels after the first ``channels`` (``PixelResidual``'s), those are
+    judged in context: among the ``NEIGHBOURS`` bank patches nearest in the first channels, the
+    one whose residual is closest sets a residual distance (per-channel scaled), added with
+    ``res_weight``. A part's bright rim has rims among its neighbours; a faint streak in plain
+    powder has only plain powder there.
+    """
+
+    def __init__(self, size: int, channels: int, extra: int = 0) -> None:
         super().__init__()
+        self.channels, self.extra = channels, extra
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("bank_sq", torch.zeros(size))
         self.register_buffer("center", torch.zeros(channels))
+        if extra:
+            self.register_buffer("res_bank", torch.zeros(size, extra))
+            self.register_buffer("res_scale", torch.ones(extra))
+            self.register_buffer("res_weight", torch.tensor(1.0))
 
-    def set_bank(self, bank: torch.Tensor) -> None:
+    def set_bank(self, bank: torch.Tensor, sample: torch.Tensor | None = None) -> None:
+        """``bank`` (M, channels + extra); ``sample``: good patches (n, channels + extra) that
+        set the residual channels' scales and weight (their standard deviations; the weight
+        makes the residual distance's 99th percentile over ``sample`` that of the nearest-patch
+        distance)."""
+        deep = bank[:, : self.channels]
         # distances are computed about the bank's mean: |f|^2 + |b|^2 - 2 f.b then cancels far
         # less in float32 (feature norms are large next to the distances between patches)
-        self.center.copy_(bank.mean(0))
-        centred = bank - self.center
+        self.center.copy_(deep.mean(0))
+        centred = deep - self.center
         self.bank.copy_(centred)
         self.bank_sq.copy_((centred * centred).sum(1))
+        if not self.extra:
+            return
+        self.res_bank.copy_(bank[:, self.channels :])
+        if sample is None:
+            return
+        self.res_scale.copy_(sample[:, self.channels :].std(0).clamp_min(1e-3))
+        with torch.inference_mode():
+            nearest, residual = self._distances(sample.T[None, :, :, None])
+        q = torch.quantile(_rows(residual.flatten()), 0.99).clamp_min(1e-6)
+        self.res_weight.fill_(float(torch.quantile(_rows(nearest.flatten()), 0.99) / q))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = feats.shape
-        f = feats.flatten(2).transpose(1, 2) - self.center  # (N, hw, C)
+        n, _, h, w = feats.shape
+        if not self.extra:
+            return self._nearest(feats).reshape(n, 1, h, w)
+        nearest, residual = self._distances(feats)
+        return (nearest + self.res_weight * residual).reshape(n, 1, h, w)
+
+    def _nearest(self, feats: torch.Tensor) -> torch.Tensor:
+        f = feats[:, : self.channels].flatten(2).transpose(1, 2) - self.center  # (N, hw, C)
         nearest = None
         for start in range(0, self.bank.shape[0], BANK_CHUNK):
             bank = self.bank[start : start + BANK_CHUNK]
             d2 = self.bank_sq[start : start + BANK_CHUNK] - 2.0 * (f @ bank.T)
             part = d2.min(dim=2).values
             nearest = part if nearest is None else torch.minimum(nearest, part)
-        nearest = (nearest + (f * f).sum(2)).clamp_min(0.0)
-        return nearest.sqrt().reshape(n, 1, h, w)
+        return (nearest + (f * f).sum(2)).clamp_min(0.0).sqrt()
+
+    def _distances(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, hw) nearest-patch distances and residual distances among the neighbours."""
+        f = feats[:, : self.channels].flatten(2).transpose(1, 2) - self.center
+        d2, idx = [], []
+        for start in range(0, self.bank.shape[0], BANK_CHUNK):
+            bank = self.bank[start : start + BANK_CHUNK]
+            part = self.bank_sq[start : start + BANK_CHUNK] - 2.0 * (f @ bank.T)
+            vals, where = part.topk(min(NEIGHBOURS, len(bank)), dim=2, largest=False)
+            d2.append(vals)
+            idx.append(where + start)
+        d2, idx = torch.cat(d2, dim=2), torch.cat(idx, dim=2)
+        if d2.shape[2] > NEIGHBOURS:  # several chunks: the nearest of their nearest
+            d2, keep = d2.topk(NEIGHBOURS, dim=2, largest=False)
+            idx = idx.gather(2, keep)
+        nearest = (d2[..., 0] + (f * f).sum(2)).clamp_min(0.0).sqrt()
+        res = feats[:, self.channels :].flatten(2).transpose(1, 2)  # (N, hw, R)
+        diff = (res[:, :, None, :] - self.res_bank[idx]) / self.res_scale  # (N, hw, K, R)
+        residual = (diff * diff).sum(3).min(dim=2).values.sqrt()
+        return nearest, residual
+
+
+def _rows(x: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
+    """At most ``n`` evenly spaced values of ``x`` (torch.quantile refuses very large inputs)."""
+    return x[:: max(1, len(x) // n)]
 
 
 class Whiten(nn.Module):
-    """(N, C, h, w) features -> (N, C, h, w) in the good patches' whitened coordinates."""
+    """(N, C, h, w) features -> (N, C, h, w), the first ``channels`` in the good patches'
+    whitened coordinates, any further (residual) channels as they are."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -83,8 +142,10 @@ class Whiten(nn.Module):
         self.whiten.copy_(whiten)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        f = feats.permute(0, 2, 3, 1) - self.mean  # (N, h, w, C)
-        return (f @ self.whiten).permute(0, 3, 1, 2)
+        c = self.mean.shape[0]
+        f = feats[:, :c].permute(0, 2, 3, 1) - self.mean  # (N, h, w, C)
+        white = (f @ self.whiten).permute(0, 3, 1, 2)
+        return white if feats.shape[1] == c else torch.cat([white, feats[:, c:]], dim=1)
 
 
 class Gaussian(Whiten):
@@ -95,9 +156,9 @@ class Gaussian(Whiten):
         return (z * z).sum(1, keepdim=True).sqrt()
 
 
-def make_scorer(kind: str, channels: int, bank_size: int) -> nn.Module:
+def make_scorer(kind: str, channels: int, bank_size: int, extra: int = 0) -> nn.Module:
     if kind == "patchcore":
-        return MemoryBank(bank_size, channels)
+        return MemoryBank(bank_size, channels, extra)
     if kind == "gaussian":
         return Gaussian(channels)
     raise InspectError(f"normal.method={kind!r} is not valid: use one of {SCORERS}")
@@ -237,20 +298,24 @@ def build_normal_net(
     roi: list | None = None,
     part_bank_size: int = 0,
     whiten: bool = False,
+    residual: bool = False,
 ) -> NormalNet:
     """The network a normal-only checkpoint's ``model`` node describes (weights loaded after).
 
     ``roi``: the plate polygon in fractions of the layer ([[x, y], ...]), None for all of it.
     ``part_bank_size`` > 0: part patches get a memory of their own (fitted with part masks).
     ``whiten``: the memory banks compare whitened features (False in models fitted before it).
+    ``residual``: patchcore patches carry ``PixelResidual`` channels (False before it).
     """
     if num_classes != 2:
         raise InspectError(f"a normal-only model has 2 classes (normal, defect), not {num_classes}")
-    features = PatchFeatures(pre, pretrained=pretrained, grid_stride=grid_stride)
-    scorer = make_scorer(method, features.out_channels, bank_size - part_bank_size)
+    residual = residual and method == "patchcore"
+    features = PatchFeatures(pre, pretrained, grid_stride, residual=residual)
+    deep, extra = features.deep_channels, features.out_channels - features.deep_channels
+    scorer = make_scorer(method, deep, bank_size - part_bank_size, extra)
     mask = None if roi is None else roi_on_grid(roi, features.grid(pre.height, pre.width))
-    parts = MemoryBank(part_bank_size, features.out_channels) if part_bank_size > 0 else None
-    white = Whiten(features.out_channels) if whiten and method == "patchcore" else None
+    parts = MemoryBank(part_bank_size, deep, extra) if part_bank_size > 0 else None
+    white = Whiten(deep) if whiten and method == "patchcore" else None
     return NormalNet(
         features, scorer, layer_score, topk, smooth_px / grid_stride, mask, parts, white
     )
