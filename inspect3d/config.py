@@ -137,9 +137,9 @@ class NormalConfig:
     shrinkage: float = 0.01  # covariance shrinkage towards a scaled identity (whiten, gaussian)
     # patchcore: patches also carry pixel-scale residual channels (thin streaks, pits, spatter
     # that the stride-8 features dilute), judged against their nearest good patches' residuals.
-    # Off by default: on defects drawn into real layers it raised pixel AUROC (PBLM 0.79 ->
-    # 0.87, eos_parts 0.79 -> 0.85) but flagged 11/98 clean layers of new eos jobs (0/98 off)
-    # and moved the map maximum off the defect (docs/quality.md, implanted)
+    # Off by default: on defects drawn into real layers it raised pixel AUROC (eos_parts 0.79
+    # -> 0.83, 0/98 clean new-job layers flagged; PBLM 0.79 -> 0.84, 1/6) but not the map
+    # maximum on the defect; not yet measured on the synthetic printer (docs/quality.md)
     residual: bool = False
     bank_size: int = 2048  # patchcore: patches kept in the memory bank
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from

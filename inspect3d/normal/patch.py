@@ -46,9 +46,11 @@ class MemoryBank(nn.Module):
 
     With ``extra`` > 0 channels after the first ``channels`` (``PixelResidual``'s), those are
     judged in context: among the ``NEIGHBOURS`` bank patches nearest in the first channels, the
-    one whose residual is closest sets a residual distance (per-channel scaled), added with
-    ``res_weight``. A part's bright rim has rims among its neighbours; a faint streak in plain
-    powder has only plain powder there.
+    one whose residual is closest sets a residual distance, added with ``res_weight``. A
+    part's bright rim has rims among its neighbours; a faint streak in plain powder has only
+    plain powder there. Residuals are compared on a log-like scale (``_compress``: linear up to
+    the good patches' typical response, logarithmic beyond), so a new part's rim twice as
+    bright as the fitted parts' is still a rim, while a streak a few times the grain stands out.
     """
 
     def __init__(self, size: int, channels: int, extra: int = 0) -> None:
@@ -76,10 +78,12 @@ class MemoryBank(nn.Module):
         self.bank_sq.copy_((centred * centred).sum(1))
         if not self.extra:
             return
-        self.res_bank.copy_(bank[:, self.channels :])
+        if sample is not None:  # the typical (median) size of each residual response
+            typical = sample[:, self.channels :].abs().median(dim=0).values
+            self.res_scale.copy_(typical.clamp_min(1e-3))
+        self.res_bank.copy_(self._compress(bank[:, self.channels :]))
         if sample is None:
             return
-        self.res_scale.copy_(sample[:, self.channels :].std(0).clamp_min(1e-3))
         with torch.inference_mode():
             nearest, residual = self._distances(sample.T[None, :, :, None])
         q = torch.quantile(_rows(residual.flatten()), 0.99).clamp_min(1e-6)
@@ -117,10 +121,16 @@ class MemoryBank(nn.Module):
             d2, keep = d2.topk(NEIGHBOURS, dim=2, largest=False)
             idx = idx.gather(2, keep)
         nearest = (d2[..., 0] + (f * f).sum(2)).clamp_min(0.0).sqrt()
-        res = feats[:, self.channels :].flatten(2).transpose(1, 2)  # (N, hw, R)
-        diff = (res[:, :, None, :] - self.res_bank[idx]) / self.res_scale  # (N, hw, K, R)
+        res = self._compress(feats[:, self.channels :].flatten(2).transpose(1, 2))  # (N, hw, R)
+        diff = res[:, :, None, :] - self.res_bank[idx]  # (N, hw, K, R)
         residual = (diff * diff).sum(3).min(dim=2).values.sqrt()
         return nearest, residual
+
+    def _compress(self, res: torch.Tensor) -> torch.Tensor:
+        """asinh(res / scale), written out (sign-symmetric, exact for either sign)."""
+        x = res / self.res_scale
+        a = x.abs()
+        return torch.sign(x) * torch.log(a + torch.sqrt(a * a + 1.0))
 
 
 def _rows(x: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
