@@ -117,3 +117,24 @@ def test_implanted_defects_lie_inside_the_plate_and_their_masks_say_where(bench)
         assert not changed[:, :40].any(), kind  # on the frame at most an incandescent glow's rim
     with pytest.raises(ValueError, match="scratch"):
         implanted.implant(layer, "scratch", plate, rng)
+
+
+def test_implanted_report_shows_a_variant_beside_the_defaults(bench):
+    import implanted
+
+    def case(auroc: float, clean: int) -> dict:
+        rate = {"k": clean, "n": 6, "rate": clean / 6, "ci95": [0.0, 0.5]}
+        loc = {"pixel_auroc": auroc, "pixel_auroc_ci95": [auroc - 0.1, auroc],
+               "aupro_30": 0.3, "aupro_30_ci95": [0.2, 0.4],
+               "peak_on_defect": {"hits": 1, "n": 6}, "over_threshold": rate}  # fmt: skip
+        return {"fit": "No_Defect 0-14", "test": "6 layers", "fit_seconds": 1.0,
+                "fit_peak_rss_mb": 100.0, "size": [1024, 1024], "measured": "today",
+                "clean_over_threshold": rate, "all": loc,
+                **{k: loc for k in implanted.KINDS}}  # fmt: skip
+
+    results = {"machine": "a test machine", "pblm": case(0.789, 0),
+               "variants": {"normal.residual=true": {"pblm": case(0.840, 1)}}}  # fmt: skip
+    text = implanted.report(results)
+    defaults, variant = text.split("**Variant `normal.residual=true`**")
+    assert "| all | 0.789" in defaults and "0.840" not in defaults
+    assert "| all | 0.840" in variant and "1/6 over the threshold" in variant
