@@ -139,7 +139,7 @@ class NormalConfig:
     # that the stride-8 features dilute), judged against their nearest good patches' residuals.
     # Off by default: on defects drawn into real layers it raised pixel AUROC (eos_parts 0.79
     # -> 0.83, 0/98 clean new-job layers flagged; PBLM 0.79 -> 0.84, 1/6) but not the map
-    # maximum on the defect; not yet measured on the synthetic printer (docs/quality.md)
+    # maximum on the defect, and lowered the synthetic printer's 0.949 to 0.939 (docs/quality.md)
     residual: bool = False
     bank_size: int = 2048  # patchcore: patches kept in the memory bank
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
