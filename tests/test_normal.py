@@ -139,6 +139,10 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
         ("data.normal_class=good", r"data.normal_class='good' has no layers.*'ok'"),
         ("normal.rotations=-2", r"normal.rotations=-2 is not valid: use 0"),
         ("normal.method=knn", r"normal.method='knn'.*gaussian"),
+        (
+            "normal.residual=true normal.method=gaussian",
+            r"normal.residual=true is not valid with normal.method='gaussian'.*patchcore",
+        ),
         ("normal.calib_by=layers", r"normal.calib_by='layers'.*'region'"),
         ("normal.calib_grid=1", r"normal.calib_grid=1 is not valid: use 2 or more"),
         ("model=resnet18", r"model='resnet18'.*efficientnet_lite0"),
@@ -146,7 +150,8 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
 )
 def test_fit_normal_refuses_bad_settings(synth_dir, tmp_path, override, message):
     with pytest.raises(InspectError, match=message):
-        isolated(fit_normal, compose("fit_normal", normal_overrides(synth_dir, override)), tmp_path)
+        cfg = compose("fit_normal", normal_overrides(synth_dir, *override.split()))
+        isolated(fit_normal, cfg, tmp_path)
 
 
 def test_folds_are_contiguous_and_keep_duplicates_together():

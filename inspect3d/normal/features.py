@@ -33,8 +33,9 @@ RESIDUAL_CHANNELS = 8
 LINE_PX = 63  # length a streak response is averaged over (along rows, along columns)
 
 
-def _gaussian_1d(sigma: float) -> torch.Tensor:
-    r = max(1, math.ceil(3 * sigma))
+def gaussian_1d(sigma: float, reach: float = 3.0) -> torch.Tensor:
+    """A normalised 1-D Gaussian over +-ceil(``reach`` sigma) (at least +-1) samples."""
+    r = max(1, math.ceil(reach * sigma))
     x = torch.arange(-r, r + 1, dtype=torch.float32)
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
@@ -56,7 +57,7 @@ class PixelResidual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         for name, sigma in (("g1", 1.0), ("g3", 3.0), ("g8", 8.0)):
-            self.register_buffer(name, _gaussian_1d(sigma), persistent=False)
+            self.register_buffer(name, gaussian_1d(sigma), persistent=False)
 
     @staticmethod
     def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

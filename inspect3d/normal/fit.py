@@ -48,6 +48,7 @@ from inspect3d.models.device import batch_for_memory, peak_rss_mb, resolve_devic
 from inspect3d.normal.patch import BUILDER, NormalNet, build_normal_net
 from inspect3d.normal.roi import auto_roi, parse_roi
 from inspect3d.normal.stats import (
+    at_most,
     greedy_coreset,
     layer_order_threshold,
     shrunk_gaussian,
@@ -145,6 +146,11 @@ def _check_settings(cfg: Any) -> None:
     if cfg.normal.calib_folds < 2:
         raise InspectError(
             f"normal.calib_folds={cfg.normal.calib_folds!r} is not valid: use 2 or more"
+        )
+    if cfg.normal.residual and cfg.normal.method != "patchcore":
+        raise InspectError(
+            f"normal.residual=true is not valid with normal.method={cfg.normal.method!r}: "
+            "residual channels are judged by the memory bank (use normal.method=patchcore)"
         )
     if cfg.normal.calib_by not in CALIB_BY:
         raise InspectError(
@@ -489,18 +495,11 @@ def part_scale(powder: torch.Tensor, part: torch.Tensor, cells: torch.Tensor) ->
     if not on_part.any() or not on_powder.any():
         return 1.0
     union = torch.minimum(powder, part)
-    q_part = torch.quantile(_sample(part[on_part]), PART_QUANTILE)
-    q_powder = torch.quantile(_sample(union[on_powder]), PART_QUANTILE)
+    q_part = torch.quantile(at_most(part[on_part]), PART_QUANTILE)
+    q_powder = torch.quantile(at_most(union[on_powder]), PART_QUANTILE)
     scale = float(q_part / q_powder.clamp_min(1e-6))
     log.info("part distances scaled by 1/%.3f (99th percentiles, out of fold)", scale)
     return max(scale, 1e-3)
-
-
-def _sample(x: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
-    """At most ``n`` values (torch.quantile refuses very large inputs)."""
-    if len(x) <= n:
-        return x
-    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def calibrate(net: NormalNet, oof: np.ndarray, target_frr: float) -> dict:

@@ -24,16 +24,15 @@ so the map keeps its order everywhere instead of saturating.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from inspect3d.errors import InspectError
-from inspect3d.normal.features import PatchFeatures
+from inspect3d.normal.features import PatchFeatures, gaussian_1d
 from inspect3d.normal.roi import roi_on_grid
+from inspect3d.normal.stats import at_most
 
 SCORERS = ("patchcore", "gaussian")
 LAYER_SCORES = ("max", "topk")
@@ -66,7 +65,7 @@ class MemoryBank(nn.Module):
 
     def set_bank(self, bank: torch.Tensor, sample: torch.Tensor | None = None) -> None:
         """``bank`` (M, channels + extra); ``sample``: good patches (n, channels + extra) that
-        set the residual channels' scales and weight (their standard deviations; the weight
+        set the residual channels' scales and weight (each channel's median size; the weight
         makes the residual distance's 99th percentile over ``sample`` that of the nearest-patch
         distance)."""
         deep = bank[:, : self.channels]
@@ -86,8 +85,8 @@ class MemoryBank(nn.Module):
             return
         with torch.inference_mode():
             nearest, residual = self._distances(sample.T[None, :, :, None])
-        q = torch.quantile(_rows(residual.flatten()), 0.99).clamp_min(1e-6)
-        self.res_weight.fill_(float(torch.quantile(_rows(nearest.flatten()), 0.99) / q))
+        q = torch.quantile(at_most(residual.flatten()), 0.99).clamp_min(1e-6)
+        self.res_weight.fill_(float(torch.quantile(at_most(nearest.flatten()), 0.99) / q))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         n, _, h, w = feats.shape
@@ -96,24 +95,29 @@ class MemoryBank(nn.Module):
         nearest, residual = self._distances(feats)
         return (nearest + self.res_weight * residual).reshape(n, 1, h, w)
 
-    def _nearest(self, feats: torch.Tensor) -> torch.Tensor:
-        f = feats[:, : self.channels].flatten(2).transpose(1, 2) - self.center  # (N, hw, C)
-        nearest = None
+    def _centred(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats[:, : self.channels].flatten(2).transpose(1, 2) - self.center  # (N, hw, C)
+
+    def _chunks(self, f: torch.Tensor):
+        """(first bank row, |b|^2 - 2 f.b for the next ``BANK_CHUNK`` bank rows) in turn."""
         for start in range(0, self.bank.shape[0], BANK_CHUNK):
             bank = self.bank[start : start + BANK_CHUNK]
-            d2 = self.bank_sq[start : start + BANK_CHUNK] - 2.0 * (f @ bank.T)
+            yield start, self.bank_sq[start : start + BANK_CHUNK] - 2.0 * (f @ bank.T)
+
+    def _nearest(self, feats: torch.Tensor) -> torch.Tensor:
+        f = self._centred(feats)
+        nearest = None
+        for _, d2 in self._chunks(f):
             part = d2.min(dim=2).values
             nearest = part if nearest is None else torch.minimum(nearest, part)
         return (nearest + (f * f).sum(2)).clamp_min(0.0).sqrt()
 
     def _distances(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, hw) nearest-patch distances and residual distances among the neighbours."""
-        f = feats[:, : self.channels].flatten(2).transpose(1, 2) - self.center
+        f = self._centred(feats)
         d2, idx = [], []
-        for start in range(0, self.bank.shape[0], BANK_CHUNK):
-            bank = self.bank[start : start + BANK_CHUNK]
-            part = self.bank_sq[start : start + BANK_CHUNK] - 2.0 * (f @ bank.T)
-            vals, where = part.topk(min(NEIGHBOURS, len(bank)), dim=2, largest=False)
+        for start, part in self._chunks(f):
+            vals, where = part.topk(min(NEIGHBOURS, part.shape[2]), dim=2, largest=False)
             d2.append(vals)
             idx.append(where + start)
         d2, idx = torch.cat(d2, dim=2), torch.cat(idx, dim=2)
@@ -131,11 +135,6 @@ class MemoryBank(nn.Module):
         x = res / self.res_scale
         a = x.abs()
         return torch.sign(x) * torch.log(a + torch.sqrt(a * a + 1.0))
-
-
-def _rows(x: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
-    """At most ``n`` evenly spaced values of ``x`` (torch.quantile refuses very large inputs)."""
-    return x[:: max(1, len(x) // n)]
 
 
 class Whiten(nn.Module):
@@ -178,11 +177,8 @@ def gaussian_kernel(sigma_cells: float) -> torch.Tensor:
     """A normalised 2-D Gaussian (1, 1, k, k), k = 2 * ceil(2 sigma) + 1; [[1]] for sigma 0."""
     if sigma_cells <= 0:
         return torch.ones(1, 1, 1, 1)
-    r = max(1, math.ceil(2 * sigma_cells))
-    x = torch.arange(-r, r + 1, dtype=torch.float32)
-    g = torch.exp(-(x**2) / (2 * sigma_cells**2))
-    k = g[:, None] * g[None, :]
-    return (k / k.sum())[None, None]
+    g = gaussian_1d(sigma_cells, reach=2.0)
+    return (g[:, None] * g[None, :])[None, None]
 
 
 class NormalNet(nn.Module):

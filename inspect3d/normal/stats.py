@@ -32,6 +32,14 @@ def greedy_coreset(
     return chosen
 
 
+def at_most(x: torch.Tensor, n: int = 1_000_000) -> torch.Tensor:
+    """At most ``n`` of the values ``x``, drawn at random with a fixed seed (torch.quantile
+    refuses very large inputs)."""
+    if len(x) <= n:
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+
+
 def shrunk_gaussian(patches: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and whitening matrix W (precision = W W^T) of a covariance shrunk towards
     ``tr(S)/C * I`` by ``shrinkage`` in [0, 1] (neighbouring patches are correlated, so the
