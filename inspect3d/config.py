@@ -141,6 +141,9 @@ class NormalConfig:
     # -> 0.83, 0/98 clean new-job layers flagged; PBLM 0.79 -> 0.84, 1/6) but not the map
     # maximum on the defect, and lowered the synthetic printer's 0.949 to 0.939 (docs/quality.md)
     residual: bool = False
+    # how much the residual distance counts: 1 = its 99th percentile over good patches equals
+    # the nearest-patch distance's; more favours thin pixel detail, less the deep features
+    residual_weight: float = 1.0
     bank_size: int = 2048  # patchcore: patches kept in the memory bank
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
     # part masks (ROOT/_parts/<layer file name>): a part memory and a part input. Off by

@@ -143,6 +143,10 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
             "normal.residual=true normal.method=gaussian",
             r"normal.residual=true is not valid with normal.method='gaussian'.*patchcore",
         ),
+        (
+            "normal.residual=true normal.residual_weight=0",
+            r"normal.residual_weight=0.0 is not valid: use a number above 0",
+        ),
         ("normal.calib_by=layers", r"normal.calib_by='layers'.*'region'"),
         ("normal.calib_grid=1", r"normal.calib_grid=1 is not valid: use 2 or more"),
         ("model=resnet18", r"model='resnet18'.*efficientnet_lite0"),

@@ -65,6 +65,20 @@ def test_a_residual_counts_against_the_good_patches_of_its_context():
     assert float(dull_rim) > 3 * normal
 
 
+def test_residual_weight_sets_how_much_a_residual_counts():
+    good = torch.cat([clusters(300, 0.0, 0.0, 6), clusters(300, 5.0, 3.0, 7)])
+    bright_powder = torch.tensor([[0.0, 0.0, 3.0]]).T[None, :, :, None]
+    deep_only = MemoryBank(len(good), 2)
+    deep_only.set_bank(good[:, :2])
+    scores = {}
+    for weight in (0.5, 1.0, 2.0):
+        bank = MemoryBank(len(good), 2, extra=1)
+        bank.set_bank(good, sample=good, weight=weight)
+        scores[weight] = float(bank(bright_powder)) - float(deep_only(bright_powder[:, :2]))
+    assert scores[0.5] > 0
+    assert abs(scores[1.0] / scores[0.5] - 2) < 1e-3 and abs(scores[2.0] / scores[1.0] - 2) < 1e-3
+
+
 def test_the_residual_search_over_bank_chunks_matches_one_search(monkeypatch):
     good = torch.cat([clusters(300, 0.0, 0.0, 2), clusters(300, 5.0, 3.0, 3)])
     queries = torch.cat([clusters(50, 0.0, 1.5, 4), clusters(50, 5.0, 1.5, 5)]).T[None, :, :, None]

@@ -6,6 +6,8 @@ One run, onnxruntime CPU (2 threads, batch 1), variants interleaved, medians:
   the real offline ImageNet weights) and the whole exported scoring net
   (``ScoringNet(build_normal_net(...))``, as ``inspect3d export`` writes it) for bank sizes
   1024, 2048, 4096 and 10000: ms per layer and the ratio whole / features (goal: <= 2);
+  and the whole net of ``normal.residual=true`` (bank 2048: pixel residual channels and a
+  top-8 search instead of the minimum), against the same features alone;
 * the nearest-neighbour search alone (its input: the 152 x 128 x 160 feature map) in cheaper
   variants, each against the search as ``MemoryBank`` runs it now and against the backbone:
   other ``BANK_CHUNK`` sizes, the -2 folded into the bank (one elementwise pass fewer),
@@ -210,6 +212,22 @@ def interleave(variants: dict[str, Callable[[], object]], repeats: int) -> dict[
     return out
 
 
+RESIDUAL_BANK = 2048
+RESIDUAL_KEY = f"whole_{RESIDUAL_BANK}_residual"
+
+
+def residual_net(pre: Preprocess, layers: np.ndarray, m: int) -> nn.Module:
+    """The whole scoring net with ``normal.residual=true`` (pixel residual channels, a top-8
+    search among the bank): bank and scales from the patches of ``layers``."""
+    net = patch.build_normal_net(2, pre, bank_size=m, smooth_px=4.0, roi=None, residual=True)
+    with torch.inference_mode():
+        feats = net.features(torch.from_numpy(layers))
+    pool = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    pool = pool[torch.randperm(pool.shape[0])]
+    net.scorer.set_bank(pool[:m].contiguous(), pool[m:].contiguous())
+    return ScoringNet(net).eval()
+
+
 def synthetic_layers(pre: Preprocess, n: int) -> np.ndarray:
     """n uint8 (1, 1024, 1280) powder-bed layers from the synthetic generator (good ones)."""
     from inspect3d.data.synth import SynthConfig, render_job
@@ -263,6 +281,9 @@ def main() -> None:
             _torch_export(scoring, x, tmp / f"whole{m}.onnx", OPSET)
             whole_paths[f"whole_{m}"], nets[f"whole_{m}"] = tmp / f"whole{m}.onnx", scoring
             print(f"exported whole net, bank {m} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        scoring = residual_net(pre, layers[:2], RESIDUAL_BANK)
+        _torch_export(scoring, x, tmp / "whole_residual.onnx", OPSET)
+        whole_paths[RESIDUAL_KEY], nets[RESIDUAL_KEY] = tmp / "whole_residual.onnx", scoring
 
         # 2. the search alone, variants; input = the feature map
         q = query.numpy()
@@ -387,6 +408,13 @@ def report(res: dict) -> str:
         k = f"whole_{m}"
         lines.append(
             f"| whole, bank {m} | {o[k]:.0f} | **{o[k] / f:.2f}** | {e[k]:.0f} | {_ov(o, k)} |"
+        )
+    if RESIDUAL_KEY in o:
+        k = RESIDUAL_KEY
+        lines.append(
+            f"| whole, bank {RESIDUAL_BANK}, `normal.residual=true` (pixel residual channels, "
+            f"top-{patch.NEIGHBOURS} search) | {o[k]:.0f} | **{o[k] / f:.2f}** | {e[k]:.0f} | "
+            f"{_ov(o, k)} |"
         )
     lines += [
         "",

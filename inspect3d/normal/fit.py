@@ -152,6 +152,11 @@ def _check_settings(cfg: Any) -> None:
             f"normal.residual=true is not valid with normal.method={cfg.normal.method!r}: "
             "residual channels are judged by the memory bank (use normal.method=patchcore)"
         )
+    if not cfg.normal.residual_weight > 0:
+        raise InspectError(
+            f"normal.residual_weight={cfg.normal.residual_weight!r} is not valid: use a number "
+            "above 0 (1: the residual and the deep distance count alike)"
+        )
     if cfg.normal.calib_by not in CALIB_BY:
         raise InspectError(
             f"normal.calib_by={cfg.normal.calib_by!r} is not valid: use one of {CALIB_BY}"
@@ -383,7 +388,7 @@ def fit_banks(net: NormalNet, table: PatchTable, nc: Any, seed: int) -> None:
     if nc.method == "gaussian":
         net.scorer.set_stats(*shrunk_gaussian(patches, nc.shrinkage))
         return
-    deep = net.scorer.channels
+    deep, weight = net.scorer.channels, nc.residual_weight
     if net.whiten is not None:
         powder = patches[kind == 1] if (kind == 1).any() else patches
         pool = _pool(powder, nc.coreset_pool, seed)[:, :deep]
@@ -391,13 +396,13 @@ def fit_banks(net: NormalNet, table: PatchTable, nc: Any, seed: int) -> None:
         net.whiten.set_stats(mean, whiten)
         patches = torch.cat([(patches[:, :deep] - mean) @ whiten, patches[:, deep:]], dim=1)
     if net.part_scorer is None:
-        net.scorer.set_bank(*_coreset(patches, len(net.scorer.bank), nc, seed, deep))
+        net.scorer.set_bank(*_coreset(patches, len(net.scorer.bank), nc, seed, deep), weight)
         return
-    net.scorer.set_bank(*_coreset(patches[kind == 1], len(net.scorer.bank), nc, seed, deep))
+    net.scorer.set_bank(*_coreset(patches[kind == 1], len(net.scorer.bank), nc, seed, deep), weight)
     parts = patches[kind == 2]
     if len(parts) == 0:  # no part in these layers: the part memory holds powder
         parts = patches[kind == 1]
-    net.part_scorer.set_bank(*_coreset(parts, len(net.part_scorer.bank), nc, seed, deep))
+    net.part_scorer.set_bank(*_coreset(parts, len(net.part_scorer.bank), nc, seed, deep), weight)
 
 
 def _pool(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:

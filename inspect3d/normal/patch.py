@@ -63,11 +63,13 @@ class MemoryBank(nn.Module):
             self.register_buffer("res_scale", torch.ones(extra))
             self.register_buffer("res_weight", torch.tensor(1.0))
 
-    def set_bank(self, bank: torch.Tensor, sample: torch.Tensor | None = None) -> None:
+    def set_bank(
+        self, bank: torch.Tensor, sample: torch.Tensor | None = None, weight: float = 1.0
+    ) -> None:
         """``bank`` (M, channels + extra); ``sample``: good patches (n, channels + extra) that
         set the residual channels' scales and weight (each channel's median size; the weight
-        makes the residual distance's 99th percentile over ``sample`` that of the nearest-patch
-        distance)."""
+        makes the residual distance's 99th percentile over ``sample`` ``weight`` times that of
+        the nearest-patch distance)."""
         deep = bank[:, : self.channels]
         # distances are computed about the bank's mean: |f|^2 + |b|^2 - 2 f.b then cancels far
         # less in float32 (feature norms are large next to the distances between patches)
@@ -86,7 +88,8 @@ class MemoryBank(nn.Module):
         with torch.inference_mode():
             nearest, residual = self._distances(sample.T[None, :, :, None])
         q = torch.quantile(at_most(residual.flatten()), 0.99).clamp_min(1e-6)
-        self.res_weight.fill_(float(torch.quantile(at_most(nearest.flatten()), 0.99) / q))
+        ratio = torch.quantile(at_most(nearest.flatten()), 0.99) / q
+        self.res_weight.fill_(weight * float(ratio))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         n, _, h, w = feats.shape
