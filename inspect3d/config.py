@@ -136,14 +136,16 @@ class NormalConfig:
     whiten: bool = True
     shrinkage: float = 0.01  # covariance shrinkage towards a scaled identity (whiten, gaussian)
     # patchcore: patches also carry pixel-scale residual channels (thin streaks, pits, spatter
-    # that the stride-8 features dilute), judged against their nearest good patches' residuals.
-    # Off by default: on defects drawn into real layers it raised pixel AUROC (eos_parts 0.79
-    # -> 0.83, 0/98 clean new-job layers flagged; PBLM 0.79 -> 0.84, 1/6) but not the map
-    # maximum on the defect, and lowered the synthetic printer's 0.949 to 0.939 (docs/quality.md)
-    residual: bool = False
+    # that the stride-8 features dilute), judged against their nearest good patches' residuals
+    # (ignored, with a warning, by method=gaussian). On defects drawn into real layers
+    # (docs/quality.md, implanted) pixel AUROC 0.79 -> 0.82 (eos_parts, 0/98 clean new-job
+    # layers flagged) and 0.79 -> 0.84 (PBLM, 1/6), map maxima on the defect as before; the
+    # synthetic printer as before or better (0.948 / 0.931 against 0.949 / 0.918 on two seeds)
+    residual: bool = True
     # how much the residual distance counts: 1 = its 99th percentile over good patches equals
     # the nearest-patch distance's; more favours thin pixel detail, less the deep features
-    residual_weight: float = 1.0
+    # (1.0: PBLM the same, eos_parts 0.83, but fewer map maxima on the defect everywhere)
+    residual_weight: float = 0.5
     bank_size: int = 2048  # patchcore: patches kept in the memory bank
     coreset_pool: int = 100000  # patchcore: random good patches the coreset is chosen from
     # part masks (ROOT/_parts/<layer file name>): a part memory and a part input. Off by

@@ -147,11 +147,6 @@ def _check_settings(cfg: Any) -> None:
         raise InspectError(
             f"normal.calib_folds={cfg.normal.calib_folds!r} is not valid: use 2 or more"
         )
-    if cfg.normal.residual and cfg.normal.method != "patchcore":
-        raise InspectError(
-            f"normal.residual=true is not valid with normal.method={cfg.normal.method!r}: "
-            "residual channels are judged by the memory bank (use normal.method=patchcore)"
-        )
     if not cfg.normal.residual_weight > 0:
         raise InspectError(
             f"normal.residual_weight={cfg.normal.residual_weight!r} is not valid: use a number "
@@ -189,8 +184,21 @@ def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
         "roi": roi,
         "part_bank_size": part_bank,
         "whiten": bool(nc.whiten),
-        "residual": bool(nc.residual),
+        "residual": _residual(nc),
     }
+
+
+def _residual(nc: Any) -> bool:
+    """``normal.residual`` where the scorer can use it: the memory bank (patchcore) judges the
+    residual channels; the Gaussian scorer has none, and says so."""
+    if nc.residual and nc.method != "patchcore":
+        log.warning(
+            "normal.residual=true has no effect with normal.method=%s: residual channels are "
+            "judged by the memory bank (normal.method=patchcore); fitting without them",
+            nc.method,
+        )
+        return False
+    return bool(nc.residual)
 
 
 def native_size(items: list[Item]) -> tuple[int, int]:
