@@ -78,7 +78,9 @@ def test_a_whitened_bank_sees_a_shift_along_a_quiet_direction():
         torch.arange(4000) % 4,
         torch.zeros(4000, dtype=torch.long),
     )
-    nc = OmegaConf.create({"method": "patchcore", "coreset_pool": 4000, "shrinkage": 0.01})
+    nc = OmegaConf.create(
+        {"method": "patchcore", "coreset_pool": 4000, "shrinkage": 0.01, "residual_weight": 1.0}
+    )
     fresh = torch.randn(300, 16, generator=gen) * scale
     shifted = fresh + torch.eye(16)[0] * 5.0
 
@@ -129,7 +131,13 @@ def test_one_jobs_parts_are_calibrated_as_shapes_at_places_never_seen():
     cells = torch.ones(n, h, w)
     table = sample_patches(feats, cells, region_ids(n, (h, w), 2), cap=h * w, gen=gen)
     nc = OmegaConf.create(
-        {"method": "patchcore", "coreset_pool": 10_000, "shrinkage": 0.01, "calib_grid": 2}
+        {
+            "method": "patchcore",
+            "coreset_pool": 10_000,
+            "shrinkage": 0.01,
+            "calib_grid": 2,
+            "residual_weight": 1.0,
+        }
     )
     net = NormalNet(torch.nn.Identity(), MemoryBank(256, c), layer_score="max")
     by_block = out_of_fold_scores(net, feats, cells, table, np.repeat([0, 1, 2], 2), nc, 0)
