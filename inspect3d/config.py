@@ -137,7 +137,8 @@ class NormalConfig:
     shrinkage: float = 0.01  # covariance shrinkage towards a scaled identity (whiten, gaussian)
     # patchcore: patches also carry pixel-scale residual channels (thin streaks, pits, spatter
     # that the stride-8 features dilute), judged against their nearest good patches' residuals
-    # (ignored, with a warning, by method=gaussian). On defects drawn into real layers
+    # (ignored, with a warning, by method=gaussian and with use_parts: there it flagged 63/98
+    # clean new-job eos_parts layers). On defects drawn into real layers
     # (docs/quality.md, implanted) pixel AUROC 0.79 -> 0.82 (eos_parts, 0/98 clean new-job
     # layers flagged) and 0.79 -> 0.84 (PBLM, 1/6), map maxima on the defect as before; the
     # synthetic printer as before or better (0.948 / 0.931 against 0.949 / 0.918 on two seeds)

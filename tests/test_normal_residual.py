@@ -99,3 +99,14 @@ def test_the_gaussian_scorer_fits_without_residuals_and_says_so(caplog):
         assert _residual(gaussian) is False
     assert "normal.residual=true has no effect with normal.method=gaussian" in caplog.text
     assert _residual(OmegaConf.create({"method": "patchcore", "residual": True})) is True
+
+
+def test_part_masks_fit_without_residuals_and_say_so(caplog):
+    from omegaconf import OmegaConf
+
+    from inspect3d.normal.fit import _residual
+
+    parts = OmegaConf.create({"method": "patchcore", "residual": True, "use_parts": True})
+    with caplog.at_level("WARNING"):
+        assert _residual(parts) is False
+    assert "normal.residual=true is not used with normal.use_parts=true" in caplog.text

@@ -189,13 +189,22 @@ def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
 
 
 def _residual(nc: Any) -> bool:
-    """``normal.residual`` where the scorer can use it: the memory bank (patchcore) judges the
-    residual channels; the Gaussian scorer has none, and says so."""
+    """``normal.residual`` where it is measured to help: the memory bank (patchcore) without
+    part masks judges the residual channels. The Gaussian scorer has none; with part masks they
+    flagged 63 of 98 clean new-job eos_parts layers (1/98 without them, docs/quality.md), so
+    both fit without them, and say so."""
     if nc.residual and nc.method != "patchcore":
         log.warning(
             "normal.residual=true has no effect with normal.method=%s: residual channels are "
             "judged by the memory bank (normal.method=patchcore); fitting without them",
             nc.method,
+        )
+        return False
+    if nc.residual and nc.get("use_parts", False):
+        log.warning(
+            "normal.residual=true is not used with normal.use_parts=true: with part masks the "
+            "residual channels flagged clean layers of new jobs (docs/quality.md, implanted); "
+            "fitting without them"
         )
         return False
     return bool(nc.residual)
