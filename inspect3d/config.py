@@ -137,7 +137,7 @@ class NormalConfig:
     shrinkage: float = 0.01  # covariance shrinkage towards a scaled identity (whiten, gaussian)
     # patchcore: patches also carry pixel-scale residual channels (thin streaks, pits, spatter
     # that the stride-8 features dilute), judged against their nearest good patches' residuals
-    # (ignored, with a warning, by method=gaussian and with use_parts: there it flagged 63/98
+    # (patchcore only, and not with use_parts: together they flagged 63/98
     # clean new-job eos_parts layers). Off by default: on defects drawn into real layers it
     # raised pixel AUROC (eos_parts 0.79 -> 0.82, PBLM 0.79 -> 0.84, map maxima as before) and
     # held the synthetic normal_maps seeds, but the demo's held-out jobs fell 0.956 -> 0.907

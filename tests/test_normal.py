@@ -140,6 +140,14 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
         ("normal.rotations=-2", r"normal.rotations=-2 is not valid: use 0"),
         ("normal.method=knn", r"normal.method='knn'.*gaussian"),
         (
+            "normal.residual=true normal.method=gaussian",
+            r"normal.residual=true is not valid with normal.method='gaussian'.*patchcore",
+        ),
+        (
+            "normal.residual=true normal.use_parts=true",
+            r"normal.residual=true is not valid with normal.use_parts=true.*one of the two",
+        ),
+        (
             "normal.residual_weight=0",
             r"normal.residual_weight=0.0 is not valid: use a number above 0",
         ),

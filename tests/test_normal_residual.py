@@ -87,26 +87,3 @@ def test_the_residual_search_over_bank_chunks_matches_one_search(monkeypatch):
     whole = bank(queries)
     monkeypatch.setattr(patch, "BANK_CHUNK", 64)
     assert torch.allclose(bank(queries), whole, atol=1e-5)
-
-
-def test_the_gaussian_scorer_fits_without_residuals_and_says_so(caplog):
-    from omegaconf import OmegaConf
-
-    from inspect3d.normal.fit import _residual
-
-    gaussian = OmegaConf.create({"method": "gaussian", "residual": True})
-    with caplog.at_level("WARNING"):
-        assert _residual(gaussian) is False
-    assert "normal.residual=true has no effect with normal.method=gaussian" in caplog.text
-    assert _residual(OmegaConf.create({"method": "patchcore", "residual": True})) is True
-
-
-def test_part_masks_fit_without_residuals_and_say_so(caplog):
-    from omegaconf import OmegaConf
-
-    from inspect3d.normal.fit import _residual
-
-    parts = OmegaConf.create({"method": "patchcore", "residual": True, "use_parts": True})
-    with caplog.at_level("WARNING"):
-        assert _residual(parts) is False
-    assert "normal.residual=true is not used with normal.use_parts=true" in caplog.text

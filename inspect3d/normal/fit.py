@@ -147,6 +147,17 @@ def _check_settings(cfg: Any) -> None:
         raise InspectError(
             f"normal.calib_folds={cfg.normal.calib_folds!r} is not valid: use 2 or more"
         )
+    if cfg.normal.residual and cfg.normal.method != "patchcore":
+        raise InspectError(
+            f"normal.residual=true is not valid with normal.method={cfg.normal.method!r}: "
+            "residual channels are judged by the memory bank (use normal.method=patchcore)"
+        )
+    if cfg.normal.residual and cfg.normal.use_parts:
+        raise InspectError(
+            "normal.residual=true is not valid with normal.use_parts=true: with part masks the "
+            "residual channels flagged 63/98 clean layers of new jobs (docs/quality.md, "
+            "implanted); use one of the two"
+        )
     if not cfg.normal.residual_weight > 0:
         raise InspectError(
             f"normal.residual_weight={cfg.normal.residual_weight!r} is not valid: use a number "
@@ -184,30 +195,8 @@ def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
         "roi": roi,
         "part_bank_size": part_bank,
         "whiten": bool(nc.whiten),
-        "residual": _residual(nc),
+        "residual": bool(nc.residual),
     }
-
-
-def _residual(nc: Any) -> bool:
-    """``normal.residual`` where it is measured to help: the memory bank (patchcore) without
-    part masks judges the residual channels. The Gaussian scorer has none; with part masks they
-    flagged 63 of 98 clean new-job eos_parts layers (1/98 without them, docs/quality.md), so
-    both fit without them, and say so."""
-    if nc.residual and nc.method != "patchcore":
-        log.warning(
-            "normal.residual=true has no effect with normal.method=%s: residual channels are "
-            "judged by the memory bank (normal.method=patchcore); fitting without them",
-            nc.method,
-        )
-        return False
-    if nc.residual and nc.get("use_parts", False):
-        log.warning(
-            "normal.residual=true is not used with normal.use_parts=true: with part masks the "
-            "residual channels flagged clean layers of new jobs (docs/quality.md, implanted); "
-            "fitting without them"
-        )
-        return False
-    return bool(nc.residual)
 
 
 def native_size(items: list[Item]) -> tuple[int, int]:
