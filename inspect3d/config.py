@@ -141,7 +141,9 @@ class NormalConfig:
     # clean new-job eos_parts layers). Off by default: on defects drawn into real layers it
     # raised pixel AUROC (eos_parts 0.79 -> 0.82, PBLM 0.79 -> 0.84, map maxima as before) and
     # held the synthetic normal_maps seeds, but the demo's held-out jobs fell 0.956 -> 0.907
-    # (AUPRO 0.873 -> 0.798, peaks 42 -> 36 of 53; docs/quality.md, implanted)
+    # (AUPRO 0.873 -> 0.798, peaks 42 -> 36 of 53; docs/quality.md, implanted): fitted across
+    # two printers, its bank covers the frame's edges too thinly (coresets that cover them cost
+    # eos_parts 0.01-0.02)
     residual: bool = False
     # how much the residual distance counts: 1 = its 99th percentile over good patches equals
     # the nearest-patch distance's; more favours thin pixel detail, less the deep features
