@@ -454,7 +454,8 @@ def report(res: dict) -> str:
         lines[-1] += (
             f" The `normal.residual=true` net costs {o[RESIDUAL_KEY] / f:.2f}× the features, "
             f"{o[RESIDUAL_KEY] / o[f'whole_{RESIDUAL_BANK}']:.2f}× the default net at the same "
-            f"bank: its top-{patch.NEIGHBOURS} search keeps and gathers 8 neighbours per patch "
+            f"bank: its top-{patch.NEIGHBOURS} search keeps and gathers "
+            f"{patch.NEIGHBOURS} neighbours per patch "
             "where the default keeps a running minimum (opt-in; over the goal's 2×)."
         )
     if "ov:features" in o:
