@@ -93,11 +93,12 @@ def fit_normal(cfg: Any, out_dir: str | Path) -> tuple[str, Path]:
     batch = batch_size_for(pre, nc)
     cells = cell_weights(net, parts, len(items), net.features.grid(*pre.size))
     feats, table = good_patches(net, images, cells, nc, batch, device, cfg.seed)
+    pixel = fit_pixel_evidence(net, images, cells, batch)
     folds = calibration_folds(items, images, nc)
     if folds is None:
-        oof = out_of_region_scores(net, feats, cells, table, nc, cfg.seed)
+        oof = out_of_region_scores(net, feats, cells, table, nc, cfg.seed, pixel)
     else:
-        oof = out_of_fold_scores(net, feats, cells, table, folds, nc, cfg.seed)
+        oof = out_of_fold_scores(net, feats, cells, table, folds, nc, cfg.seed, pixel)
     fit_banks(net, table, nc, cfg.seed)
     calib = calibrate(net, oof, nc.target_frr)
     peak = peak_rss_mb()
@@ -163,6 +164,11 @@ def _check_settings(cfg: Any) -> None:
             f"normal.residual_weight={cfg.normal.residual_weight!r} is not valid: use a number "
             "above 0 (1: the residual and the deep distance count alike)"
         )
+    if not 0.0 <= cfg.normal.pixel_weight < 1.0:
+        raise InspectError(
+            f"normal.pixel_weight={cfg.normal.pixel_weight!r} is not valid: use a number in "
+            "[0, 1) (0: the deep distance alone; 0.2: the default)"
+        )
     if cfg.normal.calib_by not in CALIB_BY:
         raise InspectError(
             f"normal.calib_by={cfg.normal.calib_by!r} is not valid: use one of {CALIB_BY}"
@@ -196,6 +202,7 @@ def _model_node(cfg: Any, roi: list | None, part_bank: int = 0) -> dict:
         "part_bank_size": part_bank,
         "whiten": bool(nc.whiten),
         "residual": bool(nc.residual),
+        "pixel_weight": float(nc.pixel_weight),
     }
 
 
@@ -434,6 +441,22 @@ def _coreset(
     return bank, pool[:SCALE_SAMPLE]
 
 
+def fit_pixel_evidence(
+    net: NormalNet, images: np.ndarray, cells: torch.Tensor, batch: int
+) -> torch.Tensor | None:
+    """Set the pixel evidence's units from the good layers' cells inside the ROI (``cells`` >
+    0) and return its maps of those layers (N, 1, h, w); None for a net without it."""
+    if net.pixel is None:
+        return None
+    with torch.inference_mode():
+        res = torch.cat(
+            [net.pixel.responses(torch.from_numpy(images[i : i + batch]))
+             for i in range(0, len(images), batch)]
+        )[..., : cells.shape[1], : cells.shape[2]]  # fmt: skip
+        net.pixel.set_scale(res, cells > 0)
+        return net.pixel.evidence(res)
+
+
 def out_of_fold_scores(
     net: NormalNet,
     feats: torch.Tensor,
@@ -442,10 +465,11 @@ def out_of_fold_scores(
     folds: np.ndarray,
     nc: Any,
     seed: int,
+    pixel: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Layer distance of every good layer (as it is: ``feats``, ``cells``) under a scorer
     fitted without its fold's patches. With a part memory, the out-of-fold distances also set
-    the part scale."""
+    the part scale. ``pixel``: the layers' pixel evidence (needs no folds: it has no memory)."""
     powder, part = [None] * len(folds), [None] * len(folds)
     for f in sorted(set(folds.tolist())):
         held = np.flatnonzero(folds == f)
@@ -455,11 +479,17 @@ def out_of_fold_scores(
                 powder[i], part[i] = net.raw_maps(feats[i : i + 1])
     powder = torch.cat(powder)
     part = None if net.part_scorer is None else torch.cat(part)
-    return _layer_distances(net, powder, part, cells)
+    return _layer_distances(net, powder, part, cells, pixel)
 
 
 def out_of_region_scores(
-    net: NormalNet, feats: torch.Tensor, cells: torch.Tensor, table: PatchTable, nc: Any, seed: int
+    net: NormalNet,
+    feats: torch.Tensor,
+    cells: torch.Tensor,
+    table: PatchTable,
+    nc: Any,
+    seed: int,
+    pixel: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Layer distance of every good layer, each region of its map (``normal.calib_grid``)
     measured by a scorer fitted on the patches of the other regions of all layers (and of
@@ -476,17 +506,21 @@ def out_of_region_scores(
                 powder[j, :, rows, cols] = pw[0]
                 if part is not None:
                     part[j, :, rows, cols] = pt[0]
-    return _layer_distances(net, powder, part, cells)
+    return _layer_distances(net, powder, part, cells, pixel)
 
 
 def _layer_distances(
-    net: NormalNet, powder: torch.Tensor, part: torch.Tensor | None, cells: torch.Tensor
+    net: NormalNet,
+    powder: torch.Tensor,
+    part: torch.Tensor | None,
+    cells: torch.Tensor,
+    pixel: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Out-of-fold raw maps -> layer distances (setting the part scale first, if any)."""
     if part is not None:
         net.part_scale.fill_(part_scale(powder, part, cells))
     with torch.inference_mode():
-        dmap = net.post_process(net.combine(powder, part, _part_input(cells)))
+        dmap = net.post_process(net.combine(powder, part, _part_input(cells)), pixel)
         return net.layer_distance(dmap).numpy()
 
 

@@ -30,11 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from inspect3d.errors import InspectError
-from inspect3d.normal.features import PatchFeatures, gaussian_1d
+from inspect3d.normal.features import (
+    RESIDUAL_CHANNELS,
+    PatchFeatures,
+    PixelResidual,
+    gaussian_1d,
+)
 from inspect3d.normal.roi import roi_on_grid
 from inspect3d.normal.stats import at_most
 
 SCORERS = ("patchcore", "gaussian")
+PIXEL_QUANTILE = 0.99  # each pixel response's unit: its 99th percentile over good cells
 LAYER_SCORES = ("max", "topk")
 BANK_CHUNK = 2048  # bank rows per matmul: (h*w, 2048) floats per layer at a time
 NEIGHBOURS = 8  # nearest bank patches whose residual channels a patch is compared with
@@ -168,6 +174,39 @@ class Gaussian(Whiten):
         return (z * z).sum(1, keepdim=True).sqrt()
 
 
+class PixelEvidence(nn.Module):
+    """uint8 layers (N, C, H, W) -> (N, 1, h, w): the strongest of ``PixelResidual``'s 8
+    responses in each cell (thin lines, specks, pits; bright and dark), each in units of its
+    ``PIXEL_QUANTILE`` over the good layers' cells. It needs no memory: plain powder's grain
+    sets the units, and the deep distance it is fused with (``NormalNet``) says where
+    structure (a part, a rim) is expected."""
+
+    def __init__(self, grid_stride: int = 8) -> None:
+        super().__init__()
+        self.residual = PixelResidual()
+        self.grid_stride = grid_stride
+        self.register_buffer("scale", torch.ones(RESIDUAL_CHANNELS))
+
+    def responses(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 8, h, w) responses on the feature grid (stride 8, or 16: max over 2x2)."""
+        res = self.residual(x)
+        return F.max_pool2d(res, 2) if self.grid_stride == 16 else res
+
+    def set_scale(self, responses: torch.Tensor, inside: torch.Tensor) -> None:
+        """``responses`` (N, 8, h, w) of good layers; ``inside`` (N, h, w) bool, the cells
+        inspected (the ROI)."""
+        sample = responses.permute(1, 0, 2, 3)[:, inside]  # (8, cells)
+        for c in range(sample.shape[0]):
+            q = torch.quantile(at_most(sample[c]), PIXEL_QUANTILE)
+            self.scale[c] = q.clamp_min(1e-3)
+
+    def evidence(self, responses: torch.Tensor) -> torch.Tensor:
+        return (responses / self.scale.view(1, -1, 1, 1)).amax(1, keepdim=True).clamp_min(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.evidence(self.responses(x))
+
+
 def make_scorer(kind: str, channels: int, bank_size: int, extra: int = 0) -> nn.Module:
     if kind == "patchcore":
         return MemoryBank(bank_size, channels, extra)
@@ -197,6 +236,7 @@ class NormalNet(nn.Module):
         roi: np.ndarray | None = None,
         part_scorer: nn.Module | None = None,
         whiten: nn.Module | None = None,
+        pixel_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if layer_score not in LAYER_SCORES:
@@ -217,6 +257,10 @@ class NormalNet(nn.Module):
         self.part_scorer = part_scorer
         self.register_buffer("part_scale", torch.tensor(1.0))
         self.whiten = whiten  # None: the scorers see the features as they are
+        # pixel evidence fused with the smoothed deep distance: deep^(1-w) * pixel^w
+        self.pixel_weight = float(pixel_weight)
+        grid_stride = getattr(features, "grid_stride", 8)
+        self.pixel = PixelEvidence(grid_stride) if self.pixel_weight > 0 else None
 
     def raw_maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patch distances to the powder memory and to the part memory (None without one)."""
@@ -241,13 +285,19 @@ class NormalNet(nn.Module):
 
     def distance_map(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Smoothed anomaly distances per patch (N, 1, h, w), 0 outside the ROI."""
-        return self.post_process(self.combine(*self.raw_maps(self.features(x)), cells))
+        dmap = self.combine(*self.raw_maps(self.features(x)), cells)
+        return self.post_process(dmap, None if self.pixel is None else self.pixel(x))
 
-    def post_process(self, dmap: torch.Tensor) -> torch.Tensor:
-        """Raw patch distances -> smoothed, 0 outside the ROI."""
+    def post_process(self, dmap: torch.Tensor, pixel: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw patch distances -> smoothed, fused with the ``pixel`` evidence (N, 1, h', w'
+        from ``PixelEvidence``; cropped to the map), 0 outside the ROI."""
         k = self.smooth.shape[-1]
         if k > 1:
             dmap = F.conv2d(F.pad(dmap, [k // 2] * 4, mode="replicate"), self.smooth)
+        if pixel is not None:
+            pixel = pixel[..., : dmap.shape[-2], : dmap.shape[-1]]
+            w = self.pixel_weight
+            dmap = dmap.clamp_min(0.0) ** (1.0 - w) * pixel**w
         if self.roi is not None:
             if self.roi.shape[-2:] != dmap.shape[-2:]:
                 raise InspectError(
@@ -308,6 +358,7 @@ def build_normal_net(
     part_bank_size: int = 0,
     whiten: bool = False,
     residual: bool = False,
+    pixel_weight: float = 0.0,
 ) -> NormalNet:
     """The network a normal-only checkpoint's ``model`` node describes (weights loaded after).
 
@@ -315,6 +366,7 @@ def build_normal_net(
     ``part_bank_size`` > 0: part patches get a memory of their own (fitted with part masks).
     ``whiten``: the memory banks compare whitened features (False in models fitted before it).
     ``residual``: patchcore patches carry ``PixelResidual`` channels (False before it).
+    ``pixel_weight`` > 0: the map fuses ``PixelEvidence`` with that exponent (0 before it).
     """
     if num_classes != 2:
         raise InspectError(f"a normal-only model has 2 classes (normal, defect), not {num_classes}")
@@ -326,5 +378,13 @@ def build_normal_net(
     parts = MemoryBank(part_bank_size, deep, extra) if part_bank_size > 0 else None
     white = Whiten(deep) if whiten and method == "patchcore" else None
     return NormalNet(
-        features, scorer, layer_score, topk, smooth_px / grid_stride, mask, parts, white
+        features,
+        scorer,
+        layer_score,
+        topk,
+        smooth_px / grid_stride,
+        mask,
+        parts,
+        white,
+        pixel_weight,
     )
