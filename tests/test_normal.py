@@ -151,6 +151,10 @@ def test_eval_of_a_normal_only_run_needs_data(normal_run, tmp_path):
             "normal.residual_weight=0",
             r"normal.residual_weight=0.0 is not valid: use a number above 0",
         ),
+        (
+            "normal.pixel_weight=1.0",
+            r"normal.pixel_weight=1.0 is not valid: use a number in \[0, 1\)",
+        ),
         ("normal.calib_by=layers", r"normal.calib_by='layers'.*'region'"),
         ("normal.calib_grid=1", r"normal.calib_grid=1 is not valid: use 2 or more"),
         ("model=resnet18", r"model='resnet18'.*efficientnet_lite0"),

@@ -87,3 +87,45 @@ def test_the_residual_search_over_bank_chunks_matches_one_search(monkeypatch):
     whole = bank(queries)
     monkeypatch.setattr(patch, "BANK_CHUNK", 64)
     assert torch.allclose(bank(queries), whole, atol=1e-5)
+
+
+def pixel_evidence(layers: list[np.ndarray], inside: np.ndarray) -> patch.PixelEvidence:
+    """A ``PixelEvidence`` whose units are set from ``layers`` on the ``inside`` cells."""
+    ev = patch.PixelEvidence()
+    x = torch.from_numpy(np.stack(layers).round().astype(np.uint8))[:, None]
+    res = ev.responses(x)
+    ev.set_scale(res, torch.from_numpy(inside).expand(len(layers), -1, -1))
+    return ev
+
+
+def test_pixel_evidence_is_in_units_of_good_cells_inside_the_plate_only():
+    inside = np.zeros((32, 32), bool)
+    inside[8:30, 2:30] = True  # the plate: 48 px clear of the rail's edge
+    layers = [powder(s) for s in range(3)]
+    for img in layers:
+        img[:16] = 250  # a bright rail outside the plate, whose edge responds strongly
+    ev = pixel_evidence(layers, inside)
+    plain = pixel_evidence([powder(s) for s in range(3)], inside)
+    assert torch.allclose(ev.scale, plain.scale, rtol=0.2)  # the rail did not set the units
+    x = torch.from_numpy(layers[0].round().astype(np.uint8))[None, None]
+    good = ev(x)[0, 0].numpy()[inside]
+    assert good.min() >= 0 and 1.0 <= float(np.quantile(good, 0.99)) < 2.0
+
+
+def test_the_fused_map_peaks_on_a_streak_the_deep_distance_barely_shows():
+    ev = pixel_evidence([powder(s) for s in range(3)], np.ones((32, 32), bool))
+    img = powder(7)
+    img[131, 30:230] += 12  # 2x the grain's spread, 1 px wide
+    x = torch.from_numpy(img.round().astype(np.uint8))[None, None]
+    deep = torch.from_numpy(np.random.default_rng(3).uniform(0.9, 1.1, (1, 1, 32, 32))).float()
+    deep[0, 0, 131 // 8] *= 1.02  # the deep features see the streak a little
+    net = patch.NormalNet(torch.nn.Identity(), torch.nn.Identity(), pixel_weight=0.2)
+    net.pixel = ev
+    fused = net.post_process(deep, ev(x))[0, 0]
+    assert int(fused.amax(dim=1).argmax()) == 131 // 8
+    assert float(fused.amax(dim=1)[131 // 8]) > 1.05 * float(deep[0, 0].max())
+    # weight 0: the map is the deep distance as it is (models fitted before the pixel evidence)
+    assert patch.NormalNet(torch.nn.Identity(), torch.nn.Identity()).pixel is None
+    assert torch.equal(
+        patch.NormalNet(torch.nn.Identity(), torch.nn.Identity()).post_process(deep), deep
+    )
