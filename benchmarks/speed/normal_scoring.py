@@ -4,7 +4,8 @@ One run, onnxruntime CPU (2 threads, batch 1), variants interleaved, medians:
 
 * the patch feature extractor alone (frozen EfficientNet-Lite0, stride 8, 152 channels,
   the real offline ImageNet weights) and the whole exported scoring net
-  (``ScoringNet(build_normal_net(...))``, as ``inspect3d export`` writes it) for bank sizes
+  (``ScoringNet(build_normal_net(...))``, as ``inspect3d export`` writes it, with the
+  shipped ``normal.pixel_weight``'s pixel evidence) for bank sizes
   1024, 2048, 4096 and 10000: ms per layer and the ratio whole / features (goal: <= 2);
   and the whole net of ``normal.residual=true`` (bank 2048: pixel residual channels and a
   top-8 search instead of the minimum), against the same features alone;
@@ -42,6 +43,7 @@ from common import RESULTS, load_results, machine, machine_line, med, save_resul
 from torch import nn
 
 import inspect3d.normal.patch as patch
+from inspect3d.config import NormalConfig
 from inspect3d.data.preprocess import Preprocess
 from inspect3d.export.onnx import _torch_export
 from inspect3d.infer.cpu import cpu_flags
@@ -213,13 +215,16 @@ def interleave(variants: dict[str, Callable[[], object]], repeats: int) -> dict[
 
 
 RESIDUAL_BANK = 2048
+PIXEL_WEIGHT = NormalConfig.pixel_weight  # the whole nets fuse the pixel evidence, as shipped
 RESIDUAL_KEY = f"whole_{RESIDUAL_BANK}_residual"
 
 
 def residual_net(pre: Preprocess, layers: np.ndarray, m: int) -> nn.Module:
     """The whole scoring net with ``normal.residual=true`` (pixel residual channels, a top-8
     search among the bank): bank and scales from the patches of ``layers``."""
-    net = patch.build_normal_net(2, pre, bank_size=m, smooth_px=4.0, roi=None, residual=True)
+    net = patch.build_normal_net(
+        2, pre, bank_size=m, smooth_px=4.0, roi=None, residual=True, pixel_weight=PIXEL_WEIGHT
+    )
     with torch.inference_mode():
         feats = net.features(torch.from_numpy(layers))
     pool = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
@@ -274,7 +279,9 @@ def main() -> None:
         whole_paths = {"features": export(FeatureMap(feats_mod), torch.from_numpy(x), tmp / "f")}
         nets = {"features": FeatureMap(feats_mod)}
         for m in BANKS:
-            net = patch.build_normal_net(2, pre, bank_size=m, smooth_px=4.0, roi=None)
+            net = patch.build_normal_net(
+                2, pre, bank_size=m, smooth_px=4.0, roi=None, pixel_weight=PIXEL_WEIGHT
+            )
             net.features = feats_mod
             net.scorer.set_bank(pool[:m])
             scoring = ScoringNet(net).eval()
