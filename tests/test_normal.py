@@ -58,6 +58,15 @@ def test_residual_channels_export_with_parity(synth_dir, holdout_dir, tmp_path):
     test_onnx_matches_torch_on_new_layers(run, holdout_dir)
 
 
+def test_pixel_evidence_exports_with_parity(synth_dir, holdout_dir, tmp_path):
+    run = fit_and_export(
+        synth_dir, tmp_path, "normal.pixel_weight=0.2", "normal.bank_size=64", "normal.max_layers=8"
+    )
+    net = model_from_checkpoint(load_checkpoint(run / "checkpoint.pt"))
+    assert net.pixel is not None and float(net.pixel.scale.min()) > 1e-3  # units were fitted
+    test_onnx_matches_torch_on_new_layers(run, holdout_dir)
+
+
 def test_export_has_supervised_outputs_and_normal_only_metadata(normal_run):
     model = OnnxModel.load(normal_run / "model.onnx")
     meta = model.meta

@@ -18,7 +18,8 @@ fuses it with the layer's pixel evidence (``PixelEvidence``: 1-3 px lines, speck
 that stride-8 ImageNet features dilute) as deep^(1-w) * pixel^w, zeroes it outside the region
 of interest (the build plate), and scores the layer by the mean of its top-k cells. The
 product asks a cell to stand out in both: the pixel evidence alone lights every part rim, the
-deep distance alone misses faint pixel-scale defects in real powder. For training-side code it returns what a supervised ``LayerNet`` returns
+deep distance alone misses faint pixel-scale defects in real powder (``pixel_weight`` 0,
+the default: no fusion). For training-side code it returns what a supervised ``LayerNet`` returns
 (layer logits and a logit map for [normal, defect]); ``scoring`` gives what is exported:
 P(defect) = sigmoid((score - t) / T), >= 0.5 exactly where the layer score reaches the
 calibrated threshold t, and the defect map in units of t (1.0 = threshold, unbounded above),
