@@ -4,8 +4,8 @@ One run, onnxruntime CPU (2 threads, batch 1), variants interleaved, medians:
 
 * the patch feature extractor alone (frozen EfficientNet-Lite0, stride 8, 152 channels,
   the real offline ImageNet weights) and the whole exported scoring net
-  (``ScoringNet(build_normal_net(...))``, as ``inspect3d export`` writes it, with the
-  shipped ``normal.pixel_weight``'s pixel evidence) for bank sizes
+  (``ScoringNet(build_normal_net(...))``, as ``inspect3d export`` writes it; with the pixel
+  evidence only where the shipped ``normal.pixel_weight`` is above 0) for bank sizes
   1024, 2048, 4096 and 10000: ms per layer and the ratio whole / features (goal: <= 2);
   and the whole net of ``normal.residual=true`` (bank 2048: pixel residual channels and a
   top-8 search instead of the minimum), against the same features alone;
@@ -215,7 +215,7 @@ def interleave(variants: dict[str, Callable[[], object]], repeats: int) -> dict[
 
 
 RESIDUAL_BANK = 2048
-PIXEL_WEIGHT = NormalConfig.pixel_weight  # the whole nets fuse the pixel evidence, as shipped
+PIXEL_WEIGHT = NormalConfig.pixel_weight  # the whole nets as shipped (0: no pixel evidence)
 RESIDUAL_KEY = f"whole_{RESIDUAL_BANK}_residual"
 
 
