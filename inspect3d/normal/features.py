@@ -73,6 +73,11 @@ class PixelResidual(nn.Module):
             return F.avg_pool2d(x, (1, LINE_PX), 1, (0, r), count_include_pad=False)
         return F.avg_pool2d(x, (LINE_PX, 1), 1, (r, 0), count_include_pad=False)
 
+    def on_grid(self, x: torch.Tensor, grid_stride: int) -> torch.Tensor:
+        """The responses on the patch grid of ``grid_stride`` (16: the max over 2x2 cells)."""
+        res = self(x)
+        return F.max_pool2d(res, 2) if grid_stride == 16 else res
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grey = x.float().mean(1, keepdim=True)
         fine = grey - self._blur(grey, self.g3)
@@ -124,9 +129,8 @@ class PatchFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = fine_features(self.stem, self.blocks, self.adapter(self.normalize(x)))
-        if self.residual is not None:
-            res = self.residual(x)[..., : feats.shape[-2], : feats.shape[-1]]
-            if self.grid_stride == 16:
-                return torch.cat([F.avg_pool2d(feats, 2), F.max_pool2d(res, 2)], dim=1)
-            return torch.cat([feats, res], dim=1)
-        return F.avg_pool2d(feats, 2) if self.grid_stride == 16 else feats
+        feats = F.avg_pool2d(feats, 2) if self.grid_stride == 16 else feats
+        if self.residual is None:
+            return feats
+        res = self.residual.on_grid(x, self.grid_stride)
+        return torch.cat([feats, res[..., : feats.shape[-2], : feats.shape[-1]]], dim=1)

@@ -193,8 +193,7 @@ class PixelEvidence(nn.Module):
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 8, h, w) responses on the feature grid (stride 8, or 16: max over 2x2)."""
-        res = self.residual(x)
-        return F.max_pool2d(res, 2) if self.grid_stride == 16 else res
+        return self.residual.on_grid(x, self.grid_stride)
 
     def set_scale(self, responses: torch.Tensor, inside: torch.Tensor) -> None:
         """``responses`` (N, 8, h, w) of good layers; ``inside`` (N, h, w) bool, the cells
